@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The README's test command: set everything up, then run the whole test suite.
+# Extra arguments go to pytest (e.g. `bash scripts/test.sh -k junction`).
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+bash scripts/bootstrap.sh || { echo "bootstrap failed" >&2; exit 1; }
+"${PYTHON:-python3}" -m pytest tests -q -p no:cacheprovider "$@"
+rc=$?
+if [ "$rc" -eq 5 ]; then
+  echo "pytest collected no tests: that is a failure" >&2
+  exit 1
+fi
+exit "$rc"

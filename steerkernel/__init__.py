@@ -1,0 +1,11 @@
+"""steerkernel: monitor and steer LLMs along concept directions in the residual stream,
+with fused kernels at every residual junction.
+
+Start with :func:`steerkernel.ops.junction` (the op) or ``steerkernel doctor`` (what runs here).
+"""
+from . import backends, ops
+from .ops import junction
+
+__version__ = "0.1.0"
+
+__all__ = ["junction", "ops", "backends", "__version__"]

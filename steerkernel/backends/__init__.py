@@ -1,0 +1,143 @@
+"""Which junction backends exist on this machine, and which one a call uses.
+
+Automatic choice, best first: CUDA tensors -> ``cuda`` (C++ extension) > ``triton`` >
+``reference``; CPU tensors -> ``cpu`` (C++ extension) > ``reference``.  The environment
+variable ``STEERKERNEL_BACKEND`` (or the ``backend=`` argument, which wins) forces one; a forced
+backend that cannot run gives an error saying why.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from ..ops import library
+
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+ENV_VAR = "STEERKERNEL_BACKEND"
+
+
+class BackendUnavailable(RuntimeError):
+    """A requested backend cannot run here; the message says why."""
+
+
+# Availability is probed once per process and kept in a plain dict (not functools.lru_cache),
+# so torch.compile traces a dict lookup instead of the probe.
+_PROBED: Dict[str, Tuple[bool, str]] = {}
+
+
+def _probe(name: str, fn) -> Tuple[bool, str]:
+    hit = _PROBED.get(name)
+    if hit is None:
+        hit = _PROBED[name] = fn()
+    return hit
+
+
+def _cpu_ext() -> Tuple[bool, str]:
+    return _probe("_cpu_ext", _probe_cpu_ext)
+
+
+def _probe_cpu_ext() -> Tuple[bool, str]:
+    try:
+        mod = importlib.import_module("steerkernel._C")
+    except ImportError as e:
+        return False, (f"C++ extension steerkernel._C is not built ({e}); "
+                       "install with `pip install --no-build-isolation -e .`")
+    library.register_native_fake()
+    return True, f"steerkernel._C loaded ({mod.simd_description()})"
+
+
+def _cuda_ext() -> Tuple[bool, str]:
+    return _probe("_cuda_ext", _probe_cuda_ext)
+
+
+def _probe_cuda_ext() -> Tuple[bool, str]:
+    if not torch.cuda.is_available():
+        return False, "no CUDA device visible to torch"
+    ok, why = _cpu_ext()
+    if not ok:
+        return False, why
+    try:
+        importlib.import_module("steerkernel._C_cuda")
+    except ImportError as e:
+        return False, (f"CUDA extension steerkernel._C_cuda is not built ({e}); rebuild with "
+                       "CUDA torch and nvcc present (STEERKERNEL_BUILD_CUDA=1 forces it)")
+    return True, f"steerkernel._C_cuda loaded (GPU: {torch.cuda.get_device_name()})"
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton() -> Tuple[bool, str]:
+    return _probe("_triton", _probe_triton)
+
+
+def _probe_triton() -> Tuple[bool, str]:
+    try:
+        import triton
+    except ImportError as e:
+        return False, f"triton is not installed ({e})"
+    if torch.cuda.is_available():
+        return True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
+    if triton_interpreted():
+        return True, f"triton {triton.__version__} under TRITON_INTERPRET=1 (CPU, for tests)"
+    return False, ("no GPU for triton; set TRITON_INTERPRET=1 before importing triton to run "
+                   "its kernels on CPU (slow; for tests)")
+
+
+def backend_status() -> Dict[str, Tuple[bool, str]]:
+    """``{backend: (available, why)}`` for every backend, for ``steerkernel doctor``."""
+    return {
+        "reference": (True, "pure torch, always available (the oracle; float64-capable)"),
+        "cpu": _cpu_ext(),
+        "triton": _triton(),
+        "cuda": _cuda_ext(),
+    }
+
+
+def _runs_on(name: str, device: torch.device) -> Tuple[bool, str]:
+    if name == "reference":
+        return True, ""
+    if name == "cpu":
+        if device.type != "cpu":
+            return False, f"backend 'cpu' takes CPU tensors, got {device.type} tensors"
+        return _cpu_ext()
+    if name == "cuda":
+        if device.type != "cuda":
+            return False, f"backend 'cuda' takes CUDA tensors, got {device.type} tensors"
+        return _cuda_ext()
+    ok, why = _triton()
+    if ok and device.type == "cpu" and not triton_interpreted():
+        return False, "backend 'triton' on CPU tensors needs TRITON_INTERPRET=1"
+    if ok and device.type not in ("cpu", "cuda"):
+        return False, f"backend 'triton' cannot run on {device.type} tensors"
+    return ok, why
+
+
+def resolve(device: torch.device, requested: Optional[str] = None) -> str:
+    """The backend a call on ``device`` uses: ``requested``, else $STEERKERNEL_BACKEND, else auto."""
+    name = requested or os.environ.get(ENV_VAR) or "auto"
+    if name != "auto":
+        if name not in BACKENDS:
+            raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS} or 'auto'")
+        ok, why = _runs_on(name, device)
+        if not ok:
+            raise BackendUnavailable(f"backend {name!r} is unavailable: {why}")
+        return name
+    order = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
+    for cand in order:
+        if _runs_on(cand, device)[0]:
+            return cand
+    return "reference"
+
+
+def op_for(name: str):
+    """The torch op overload that implements backend ``name``."""
+    if name == "reference":
+        return torch.ops.steerkernel.junction_reference.default
+    if name == "triton":
+        return torch.ops.steerkernel.junction_triton.default
+    return torch.ops.steerkernel.junction.default

@@ -1,0 +1,1 @@
+"""The ``steerkernel`` command line (see ``steerkernel --help``)."""

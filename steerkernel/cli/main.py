@@ -1,0 +1,69 @@
+"""``steerkernel`` command-line entry point.
+
+Each sub-command lives in its own module ``steerkernel/cli/<name>.py`` defining
+``add_arguments(parser)`` and ``run(args) -> int``; modules are imported only when their
+command runs, so ``steerkernel --help`` and ``steerkernel doctor`` stay fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import List, Optional
+
+from ..errors import SteerkernelError
+
+#: command -> one-line help.  Order is the order ``--help`` shows.
+COMMANDS = {
+    "demo": "run the built-in emotion monitoring + steering demo on the default model",
+    "extract": "extract a concept bank from a model and a corpus",
+    "score": "score texts against a concept bank (mean projection per concept)",
+    "monitor": "stream a generation with a live per-token table of the top concepts",
+    "generate": "generate text with optional steering (--steer calm=+0.05)",
+    "bench": "run the benchmark suite",
+    "doctor": "show which backends, extensions and models are available here",
+}
+
+
+def _module(name: str):
+    return importlib.import_module(f"steerkernel.cli.{name}")
+
+
+def build_parser(argv: List[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="steerkernel",
+        description="Monitor and steer LLMs along concept directions in the residual stream.")
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"steerkernel {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # Only the chosen command's module is imported (its arguments are needed to parse).
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, help_text in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            _module(name).add_arguments(p)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(_module(args.command).run(args) or 0)
+    except (SteerkernelError, ValueError, TypeError, FileNotFoundError, KeyError,
+            PermissionError, IsADirectoryError) as e:
+        msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        print(f"steerkernel {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

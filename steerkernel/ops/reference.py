@@ -1,0 +1,103 @@
+"""The pure-torch junction: the oracle every other backend is tested against.
+
+Math (per token row ``t`` of a ``[T, d]`` hidden state; see ``docs``/DESIGN §2)::
+
+    h          = residual[t] + x[t]              # added in the residual's dtype, as torch does
+    p          = V · h                           # V [K, d] unit rows -> p [K]
+    scores[t]  = p ; norms[t] = ||h||            # pre-intervention readout
+    s          = slot[t]                         # 0 = identity
+    if s != 0 and (gate_concept[s] < 0 or latch[s] or gate fires):
+        q      = clamp(p + shift[s], lo[s], hi[s])
+        h      = h + Vᵀ (q - p)
+    residual[t] = h                              # stored in the residual's dtype
+    out[t]     = h * rsqrt(mean(h²) + eps) * weight
+
+A gate fires when ``p[gate_concept[s]] > gate_threshold[s]`` (``gate_above[s]``) or
+``p[gate_concept[s]] < gate_threshold[s]`` (otherwise); equality never fires.  With a ``latch``
+(int32 ``[P]``), a slot whose latch is non-zero at call start is steered unconditionally, and
+every slot with a firing token has its latch set to 1 when the call ends (decisions inside one
+call never depend on other tokens of the same call, so every backend is deterministic).
+
+Every read of ``h`` after a store sees the stored (dtype-rounded) value, which is exactly what
+the next layer sees.  All other arithmetic is float64 here, whatever the input dtype, which is
+what makes this the oracle.  Slots outside ``[0, P)`` behave as slot 0 and gate concepts outside
+``[-1, K)`` never fire (so such a slot is steered only once latched); the public wrapper rejects both before calling any backend.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def junction_reference_(
+    residual: Tensor,
+    V: Tensor,
+    x: Optional[Tensor],
+    slot: Optional[Tensor],
+    shift: Optional[Tensor],
+    lo: Optional[Tensor],
+    hi: Optional[Tensor],
+    gate_concept: Optional[Tensor],
+    gate_threshold: Optional[Tensor],
+    gate_above: Optional[Tensor],
+    latch: Optional[Tensor],
+    weight: Optional[Tensor],
+    eps: float,
+    scores: Tensor,
+    norms: Tensor,
+    out: Optional[Tensor],
+) -> None:
+    """Reference junction; writes ``residual``, ``scores``, ``norms``, ``out`` and ``latch``.
+
+    Shapes: residual/x/out ``[T, d]``; V ``[K, d]``; slot int32 ``[T]``; shift/lo/hi fp32
+    ``[P, K]``; gate_concept int32 ``[P]``; gate_threshold fp32 ``[P]``; gate_above bool
+    ``[P]``; latch int32 ``[P]``; weight ``[d]``; scores ``[T, K]`` (any strides); norms ``[T]``.
+    """
+    f64 = torch.float64
+    if x is not None:
+        residual.add_(x)  # rounds exactly as the model's own `residual + x` would
+    h = residual.to(f64)
+    Vd = V.to(f64)
+    p = h @ Vd.T  # [T, K]
+    scores.copy_(p)
+    norms.copy_(torch.linalg.vector_norm(h, dim=1))
+
+    if slot is not None and shift is not None and h.shape[0] > 0:
+        P = shift.shape[0]
+        s = slot.long()
+        in_range = (s >= 0) & (s < P)
+        s = torch.where(in_range, s, torch.zeros_like(s))
+        apply = s != 0
+        if gate_concept is not None:
+            K = V.shape[0]
+            gc = gate_concept.long()[s]  # [T]
+            gated = gc != -1
+            valid = (gc >= 0) & (gc < K)
+            pg = p.gather(1, gc.clamp(0, max(K - 1, 0)).unsqueeze(1)).squeeze(1)
+            thr = gate_threshold.to(f64)[s]
+            above = gate_above.bool()[s]
+            fires = torch.where(above, pg > thr, pg < thr) & valid & gated & apply
+            open_ = ~gated | fires
+            if latch is not None:
+                open_ = open_ | (latch[s] != 0)
+                fired_slots = s[fires]
+                if fired_slots.numel():
+                    latch.index_fill_(0, fired_slots, 1)
+            apply = apply & open_
+        rows = apply.nonzero().squeeze(1)
+        if rows.numel():
+            sr = s[rows]
+            pr = p[rows]
+            q = pr + shift.to(f64)[sr]
+            q = torch.clamp(q, min=lo.to(f64)[sr], max=hi.to(f64)[sr])
+            # NaN p must stay NaN: torch.clamp propagates NaN, and so do the kernels
+            hr = h[rows] + (q - pr) @ Vd
+            residual[rows] = hr.to(residual.dtype)
+            h[rows] = residual[rows].to(f64)
+
+    if out is not None:
+        w = weight.to(f64) if weight is not None else 1.0
+        inv = torch.rsqrt(h.pow(2).mean(dim=1, keepdim=True) + eps)
+        out.copy_(h * inv * w)
