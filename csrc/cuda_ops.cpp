@@ -1,0 +1,214 @@
+// steerkernel: the CUDA implementation of the op steerkernel::junction and the Python module
+// steerkernel._C_cuda.  Importing the module registers the CUDA kernel; the op's schema comes
+// from steerkernel._C (csrc/ops.cpp), which must be imported first.
+//
+// This file is the torch side only: argument checks (check_junction_args, shared with the CPU
+// impl), device guard, current stream, the per-call `fired [P]` scratch from the caching
+// allocator, and the translation of tensors into the torch-free `cuda::Params` of
+// junction_cuda.cuh.  The kernels and their launch logic live in junction_cuda.cu.
+//
+// Math (per row t; see junction.h): h = residual[t] + x[t]; p = V h -> scores[t];
+// norms[t] = ||h||; if slot[t] != 0 and its gate is open, h += V^T (clamp(p + shift, lo, hi)
+// - p); residual[t] = h; out[t] = h * rsqrt(mean(h^2) + eps) * weight.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <tuple>
+
+#include "junction.h"
+#include "junction_cuda.cuh"
+
+namespace steerkernel {
+namespace {
+
+// Which kernels the CUDA impl uses: "auto" (default), "row" or "split" (see
+// junction_cuda.cu).  Initialised from $STEERKERNEL_CUDA_PATH, changed by set_path().
+std::atomic<int> g_path{-1};
+
+cuda::Path parse_path(const std::string& name) {
+  if (name == "auto" || name.empty()) return cuda::Path::automatic;
+  if (name == "row") return cuda::Path::row;
+  if (name == "split") return cuda::Path::split;
+  TORCH_CHECK(false, "steerkernel: unknown CUDA path '", name, "' (auto | row | split)");
+}
+
+const char* path_name(cuda::Path p) {
+  switch (p) {
+    case cuda::Path::row: return "row";
+    case cuda::Path::split: return "split";
+    default: return "auto";
+  }
+}
+
+cuda::Path current_path() {
+  int v = g_path.load(std::memory_order_relaxed);
+  if (v < 0) {
+    const char* env = std::getenv("STEERKERNEL_CUDA_PATH");
+    v = static_cast<int>(parse_path(env != nullptr ? env : "auto"));
+    g_path.store(v, std::memory_order_relaxed);
+  }
+  return static_cast<cuda::Path>(v);
+}
+
+// SM count and opt-in shared memory per block, queried once per device (attribute queries:
+// no synchronisation, fine during graph capture).
+cuda::DeviceInfo device_info(c10::DeviceIndex index) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> sms[kMaxDevices] = {};
+  static std::atomic<int> smem[kMaxDevices] = {};
+  TORCH_CHECK(index >= 0 && index < kMaxDevices, "steerkernel: CUDA device index ", index,
+              " out of range");
+  cuda::DeviceInfo info;
+  info.num_sms = sms[index].load(std::memory_order_relaxed);
+  info.max_smem_optin = smem[index].load(std::memory_order_relaxed);
+  if (info.num_sms == 0 || info.max_smem_optin == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.num_sms, cudaDevAttrMultiProcessorCount, index));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.max_smem_optin,
+                                          cudaDevAttrMaxSharedMemoryPerBlockOptin, index));
+    sms[index].store(info.num_sms, std::memory_order_relaxed);
+    smem[index].store(info.max_smem_optin, std::memory_order_relaxed);
+  }
+  return info;
+}
+
+cuda::Dtype dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return cuda::Dtype::f32;
+    case at::kBFloat16: return cuda::Dtype::bf16;
+    case at::kHalf: return cuda::Dtype::f16;
+    default: TORCH_CHECK(false, "steerkernel.junction (cuda): unsupported dtype ", t.scalar_type());
+  }
+}
+
+// Tensors -> Params (pointers and element strides; see junction_cuda.cuh for the shapes).
+cuda::Params make_params(const at::Tensor& residual, const at::Tensor& V, const OptTensor& x,
+                         const OptTensor& slot, const OptTensor& shift, const OptTensor& lo,
+                         const OptTensor& hi, const OptTensor& gate_concept,
+                         const OptTensor& gate_threshold, const OptTensor& gate_above,
+                         const OptTensor& latch, const OptTensor& weight, double eps,
+                         const at::Tensor& scores, const at::Tensor& norms, const OptTensor& out,
+                         int64_t P) {
+  cuda::Params p;
+  p.T = residual.size(0);
+  p.d = residual.size(1);
+  p.K = V.size(0);
+  p.P = P;
+  p.residual = residual.data_ptr();
+  p.residual_stride = residual.stride(0);
+  if (x) {
+    p.x = x->data_ptr();
+    p.x_stride = x->stride(0);
+  }
+  p.V = V.data_ptr();
+  p.v_f32 = V.scalar_type() == at::kFloat;
+  if (out) {  // check_junction_args: out needs weight
+    p.weight = weight->data_ptr();
+    p.weight_f32 = weight->scalar_type() == at::kFloat;
+    p.out = out->data_ptr();
+    p.out_stride = out->stride(0);
+  }
+  if (slot) {
+    p.slot = slot->data_ptr<int32_t>();
+    p.shift = shift->data_ptr<float>();
+    p.lo = lo->data_ptr<float>();
+    p.hi = hi->data_ptr<float>();
+    if (gate_concept) {
+      p.gate_concept = gate_concept->data_ptr<int32_t>();
+      p.gate_threshold = gate_threshold->data_ptr<float>();
+      p.gate_above = gate_above->data_ptr<bool>();
+      if (latch) p.latch = latch->data_ptr<int32_t>();
+    }
+  }
+  p.scores = scores.data_ptr<float>();
+  p.scores_s0 = scores.stride(0);
+  p.scores_s1 = scores.stride(1);
+  p.norms = norms.data_ptr<float>();
+  p.norms_stride = norms.stride(0);
+  p.eps = static_cast<float>(eps);
+  return p;
+}
+
+}  // namespace
+
+void junction_cuda(const at::Tensor& residual, const at::Tensor& V, const OptTensor& x,
+                   const OptTensor& slot, const OptTensor& shift, const OptTensor& lo,
+                   const OptTensor& hi, const OptTensor& gate_concept,
+                   const OptTensor& gate_threshold, const OptTensor& gate_above,
+                   const OptTensor& latch, const OptTensor& weight, double eps,
+                   const at::Tensor& scores, const at::Tensor& norms, const OptTensor& out) {
+  const int64_t P = check_junction_args(residual, V, x, slot, shift, lo, hi, gate_concept,
+                                        gate_threshold, gate_above, latch, weight, scores,
+                                        norms, out, c10::DeviceType::CUDA);
+  if (residual.size(0) == 0) return;
+  const c10::cuda::CUDAGuard guard(residual.device());
+  cuda::Params p = make_params(residual, V, x, slot, shift, lo, hi, gate_concept,
+                               gate_threshold, gate_above, latch, weight, eps, scores, norms,
+                               out, P);
+  const cuda::Dtype dt = dtype_of(residual);
+  const cuda::DeviceInfo dev = device_info(residual.device().index());
+  const char* why = cuda::unsupported(p, dt, dev);
+  TORCH_CHECK(why == nullptr, "steerkernel.junction (cuda): d = ", p.d, ", K = ", p.K, ": ",
+              why != nullptr ? why : "");
+  // Per-call scratch (int32 [P]) from the caching allocator: graph-capture safe; launch()
+  // zeroes it on the stream.
+  at::Tensor fired;
+  if (p.latch != nullptr) {
+    fired = at::empty({P}, latch->options());
+    p.fired = fired.data_ptr<int32_t>();
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(residual.device().index()).stream();
+  C10_CUDA_CHECK(cuda::launch(p, dt, current_path(), dev, stream));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace steerkernel
+
+TORCH_LIBRARY_IMPL(steerkernel, CUDA, m) { m.impl("junction", &steerkernel::junction_cuda); }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() =
+      "steerkernel native ops (CUDA): importing registers the CUDA kernel of "
+      "torch.ops.steerkernel.junction (import steerkernel._C first; it defines the schema).";
+  m.def(
+      "set_path",
+      [](const std::string& name) {
+        steerkernel::g_path.store(static_cast<int>(steerkernel::parse_path(name)));
+      },
+      "Force the CUDA kernels used by later calls: 'auto' (default), 'row' (one fused kernel, "
+      "rows per block from T) or 'split' (projection kernel + row kernel; register-kernel "
+      "layouts only).  Overrides $STEERKERNEL_CUDA_PATH.");
+  m.def(
+      "get_path", []() { return std::string(steerkernel::path_name(steerkernel::current_path())); },
+      "The CUDA path setting: 'auto', 'row' or 'split'.");
+  m.def(
+      "plan",
+      [](const at::Tensor& residual, const at::Tensor& V, const steerkernel::OptTensor& x,
+         const steerkernel::OptTensor& weight, const steerkernel::OptTensor& out) {
+        TORCH_CHECK(residual.is_cuda() && residual.dim() == 2 && V.dim() == 2,
+                    "plan: residual [T, d] and V [K, d] CUDA tensors");
+        TORCH_CHECK(!out || weight, "plan: out needs weight");
+        const at::Tensor scores = at::empty({residual.size(0), V.size(0)},
+                                            residual.options().dtype(at::kFloat));
+        const at::Tensor norms = at::empty({residual.size(0)}, scores.options());
+        const steerkernel::cuda::Params p = steerkernel::make_params(
+            residual, V, x, {}, {}, {}, {}, {}, {}, {}, {}, weight, 1e-6, scores, norms, out, 0);
+        int rows = 0;
+        const auto path = steerkernel::cuda::choose_path(
+            p, steerkernel::dtype_of(residual),
+            steerkernel::device_info(residual.device().index()), &rows);
+        return std::make_tuple(std::string(steerkernel::path_name(path)), rows);
+      },
+      pybind11::arg("residual"), pybind11::arg("V"), pybind11::arg("x") = pybind11::none(),
+      pybind11::arg("weight") = pybind11::none(), pybind11::arg("out") = pybind11::none(),
+      "(path, rows_per_block) that 'auto' picks for these tensors: path 'row' or 'split'; "
+      "rows_per_block 0 means the shared-memory fallback kernel (unaligned rows or large d).");
+}

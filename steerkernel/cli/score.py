@@ -1,0 +1,75 @@
+"""``steerkernel score``: mean projection of texts on every concept of a bank."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from typing import List
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--bank", required=True, help="concept bank (.safetensors)")
+    p.add_argument("--input", required=True,
+                   help="JSONL file, one {\"text\": ...} object per line ('-' = stdin)")
+    p.add_argument("--layer", type=int, default=None,
+                   help="decoder layer to read (default: the bank's default layer)")
+    p.add_argument("--model", default=None,
+                   help="local HF checkpoint directory or .gguf file (default: the embedded "
+                        "SmolLM2-135M-Instruct)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object per text: text, layer, scores, z")
+    p.add_argument("--top", type=int, default=5, help="concepts shown per text without --json")
+    p.add_argument("--batch-size", type=int, default=16)
+
+
+def read_texts(path: str) -> List[str]:
+    """The ``"text"`` of every non-blank line of a JSONL file (errors name the line)."""
+    f = sys.stdin if path == "-" else open(path, encoding="utf-8")
+    texts = []
+    try:
+        for no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{path} line {no}: not valid JSON ({e})") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str) \
+                    or not rec["text"].strip():
+                raise ValueError(f"{path} line {no}: expected an object with a non-empty "
+                                 "\"text\" string")
+            texts.append(rec["text"])
+    finally:
+        if f is not sys.stdin:
+            f.close()
+    if not texts:
+        raise ValueError(f"{path}: no texts to score")
+    return texts
+
+
+def _num(x) -> object:
+    """A JSON-safe number: NaN / inf (unknown statistics) become null."""
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def run(args) -> int:
+    from ..concepts.bank import ConceptBank
+    from ..concepts.extract import score_texts
+    from ..models import load_model
+
+    bank = ConceptBank.load(args.bank)
+    layer = bank.layers[bank.layer_index(args.layer)]  # fail fast on a layer the bank lacks
+    texts = read_texts(args.input)
+    model, tok = load_model(args.model)
+    scores, z = score_texts(model, tok, bank, texts, layer, batch_size=args.batch_size)
+    for i, text in enumerate(texts):
+        if args.json:
+            print(json.dumps({"text": text, "layer": layer,
+                              "scores": {n: _num(scores[i, k]) for k, n in enumerate(bank.names)},
+                              "z": {n: _num(z[i, k]) for k, n in enumerate(bank.names)}}))
+        else:
+            top = z[i].argsort(descending=True)[:max(args.top, 1)].tolist()
+            shown = "  ".join(f"{bank.names[k]} {float(z[i, k]):+.2f}z" for k in top)
+            print(f"[{i}] {text[:60]!r}: {shown}")
+    return 0

@@ -1,0 +1,713 @@
+"""Concept banks: K named concepts x L layers of unit directions in the residual stream.
+
+A :class:`ConceptBank` holds, for the decoder layers ``layers`` (ascending) of one model and
+one site (``"resid_post"``: the residual stream at the output of decoder layer ``l``, i.e. what
+``model.model.layers[l]`` returns):
+
+* ``directions  [L, K, d]`` fp32, unit rows ``v_{l,k}``;
+* ``baseline_mean [L, K]`` / ``baseline_std [L, K]``: mean and std of the per-token projection
+  ``p = v_{l,k} . h`` on neutral text, so ``z = (p - mean) / std``;
+* ``vector_norms [L, K]``: the natural norm of each concept vector before normalising;
+* ``resid_norm [L]``: the mean residual norm ``||h||`` per layer over the extraction tokens
+  (relative steering strengths are ``alpha = strength x resid_norm[l]``).
+
+Statistics may be NaN, meaning "unknown" (a bank imported from bare vectors and not yet
+calibrated); directions are always finite.  Steering that needs an unknown statistic fails
+with a clear error downstream.
+
+File format (``.safetensors``): tensors ``directions``, ``baseline_mean``, ``baseline_std``,
+``vector_norms``, ``resid_norm`` (all F32) and two header metadata strings:
+``steerkernel.bank`` (JSON: format, version, names, layers, site, default layer, metadata,
+fingerprint) and ``steerkernel.sha256`` (a digest of that JSON and every tensor's name, shape
+and bytes).  Loading parses and bounds-checks the header itself before reading any tensor data,
+so a truncated, bit-flipped or absurd file raises :class:`BankFormatError` without allocating
+more than the file's own size; nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+import tempfile
+from collections import Counter
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import BankFormatError, BankMismatchError, UnknownConceptError
+
+FORMAT = "steerkernel.bank"
+VERSION = 1
+TENSORS = ("directions", "baseline_mean", "baseline_std", "vector_norms", "resid_norm")
+META_KEY = "steerkernel.bank"
+HASH_KEY = "steerkernel.sha256"
+#: largest safetensors header we accept (the JSON part; names and metadata only)
+MAX_HEADER_BYTES = 64 << 20
+#: how far a stored direction's norm may be from 1
+UNIT_TOL = 1e-3
+FINGERPRINT_FIELDS = ("architecture", "hidden_size", "num_layers", "vocab_size", "weight_hash")
+PathLike = Union[str, os.PathLike]
+
+
+# ------------------------------------------------------------------------------ helpers
+def _as_float_tensor(name: str, value, shape: tuple) -> Tensor:
+    if not isinstance(value, Tensor):
+        try:
+            value = torch.as_tensor(value, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise BankFormatError(f"bank {name} is not a tensor of numbers: {e}") from None
+    if not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
+        raise BankFormatError(f"bank {name} has dtype {value.dtype}; expected a float tensor")
+    if tuple(value.shape) != tuple(shape):
+        raise BankFormatError(f"bank {name} has shape {tuple(value.shape)}, expected "
+                              f"{tuple(shape)}")
+    return value.detach().to(device="cpu", dtype=torch.float32).contiguous()
+
+
+def _as_int(name: str, value) -> int:
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_floating_point() \
+            and value.dtype != torch.bool:
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise BankFormatError(f"bank {name} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _json_dump(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def _check_json(name: str, obj) -> dict:
+    if not isinstance(obj, Mapping):
+        raise BankFormatError(f"bank {name} must be a dict, got {type(obj).__name__}")
+    try:
+        return json.loads(_json_dump(dict(obj)))
+    except (TypeError, ValueError, RecursionError) as e:
+        raise BankFormatError(f"bank {name} is not JSON-serialisable (no NaN/inf, str keys): "
+                              f"{e}") from None
+
+
+def _digest(meta_json: str, tensors: Mapping[str, Tensor]) -> str:
+    h = hashlib.sha256(meta_json.encode("utf-8"))
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"|{name}|{list(t.shape)}|".encode())
+        h.update(t.numpy().astype("<f4", copy=False).tobytes())
+    return h.hexdigest()
+
+
+def check_regular_file(path: str, what: str = "concept bank file") -> None:
+    """Raise a clear error unless ``path`` is an existing regular file (not a directory,
+    FIFO or device, which could block or stream forever)."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path!r} does not exist") from None
+    except OSError as e:  # symlink loops, permissions
+        raise BankFormatError(f"{what} {path!r} cannot be opened: {e.strerror or e}") from None
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(f"{what} {path!r} is a directory, not a file")
+    if not stat.S_ISREG(mode):
+        raise BankFormatError(f"{what} {path!r} is not a regular file (a FIFO, socket or "
+                              "device)")
+
+
+def default_file_mode() -> int:
+    """The mode ``open(path, "w")`` would give a new file (0o666 minus the umask)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same directory + ``os.replace``,
+    so readers see either the old file or the complete new one."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"directory {folder!r} does not exist (writing {path!r})")
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
+    try:
+        os.fchmod(fd, default_file_mode())  # mkstemp makes it private; a plain open() would not
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+# ------------------------------------------------------------------------------ fingerprint
+def text_config(model):
+    """The text part of an HF model's config (the config itself for plain LMs)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        raise BankMismatchError(f"{type(model).__name__} has no .config: not an HF model")
+    get = getattr(cfg, "get_text_config", None)
+    return get() if callable(get) else cfg
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The decoder-layer list of an HF causal LM: ``model.model.layers`` where it exists,
+    otherwise the first ``nn.ModuleList`` with ``num_hidden_layers`` entries."""
+    n = int(text_config(model).num_hidden_layers)
+    inner = getattr(getattr(model, "model", None), "layers", None)
+    if isinstance(inner, torch.nn.ModuleList) and len(inner) == n:
+        return inner
+    for _, mod in model.named_modules():
+        if isinstance(mod, torch.nn.ModuleList) and len(mod) == n and n > 0:
+            return mod
+    from ..errors import UnsupportedModelError
+
+    raise UnsupportedModelError(f"cannot find the {n} decoder layers of "
+                                f"{type(model).__name__} (no nn.ModuleList of that length)")
+
+
+def _sign_sample(t: Tensor, rows: int = 64) -> Optional[bytes]:
+    if t.is_meta:
+        return None
+    t = t.detach()
+    if t.dim() >= 2 and t.shape[0] > rows:
+        idx = torch.linspace(0, t.shape[0] - 1, rows, device=t.device).round().long()
+        t = t.index_select(0, idx)
+    bits = torch.signbit(t.float()).reshape(-1).cpu().numpy()
+    return f"{list(t.shape)}".encode() + np.packbits(bits).tobytes()
+
+
+def weight_hash(model) -> Optional[str]:
+    """A cheap deterministic hash of a model's weights (``None`` for meta/offloaded weights).
+
+    sha256 over the sign bits of 64 evenly spaced rows of the input embedding and of the first
+    parameter of the first and last decoder layers.  Sign bits survive any round-to-nearest
+    cast, so fp32 / bf16 / fp16 copies of the same weights hash alike, while different weights
+    (another model, a fine-tune, another quantisation) almost surely do not.
+    """
+    parts = []
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is None or getattr(emb, "weight", None) is None:
+        return None
+    parts.append(_sign_sample(emb.weight))
+    layers = decoder_layers(model)
+    for layer in (layers[0], layers[-1]):
+        first = next(iter(layer.parameters()), None)
+        if first is not None:
+            parts.append(_sign_sample(first))
+    if any(p is None for p in parts):
+        return None
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p)
+    return h.hexdigest()[:32]
+
+
+def model_fingerprint(model, with_hash: bool = True) -> dict:
+    """``{architecture, hidden_size, num_layers, vocab_size, weight_hash}`` of an HF model."""
+    cfg = text_config(model)
+    fp = {"architecture": type(model).__name__,
+          "hidden_size": int(cfg.hidden_size),
+          "num_layers": int(cfg.num_hidden_layers),
+          "vocab_size": int(getattr(cfg, "vocab_size", 0) or 0) or None,
+          "model_type": getattr(cfg, "model_type", None)}
+    if with_hash:
+        fp["weight_hash"] = weight_hash(model)
+    return fp
+
+
+# ------------------------------------------------------------------------------ the bank
+class ConceptBank:
+    """K named concepts x L layers of unit residual-stream directions, with statistics.
+
+    Args:
+        names: K distinct concept names.
+        layers: L distinct decoder-layer indices, ascending.
+        directions: ``[L, K, d]`` unit rows (any float dtype; stored fp32 on the CPU).
+        baseline_mean, baseline_std: ``[L, K]`` projection mean / std on neutral text
+            (NaN = unknown).
+        vector_norms: ``[L, K]`` natural norm of each vector before normalising.
+        resid_norm: ``[L]`` mean residual norm per layer (NaN = unknown).
+        default_layer: one of ``layers``; the layer used when none is named.
+        site: where the directions live; ``"resid_post"`` (decoder-layer output).
+        metadata: JSON-able dict (method, params, per-concept extras under ``"concepts"``).
+        fingerprint: the model the bank was made from (see :func:`model_fingerprint`).
+
+    Raises:
+        BankFormatError: any field malformed (shapes disagree, non-unit or non-finite
+            directions, duplicate names, unsorted layers, ...).
+    """
+
+    def __init__(self, names: Sequence[str], layers: Sequence[int], directions: Tensor,
+                 baseline_mean: Tensor, baseline_std: Tensor, vector_norms: Tensor,
+                 resid_norm: Tensor, default_layer: int, site: str = "resid_post",
+                 metadata: Optional[dict] = None, fingerprint: Optional[dict] = None):
+        if isinstance(names, str) or not isinstance(names, Sequence):
+            raise BankFormatError(f"bank names must be a list of strings, got {names!r}")
+        names = list(names)
+        if not names:
+            raise BankFormatError("bank has no concepts (names is empty)")
+        bad = [n for n in names if not isinstance(n, str) or not n.strip()]
+        if bad:
+            raise BankFormatError(f"bank concept names must be non-empty strings, got {bad[:5]}")
+        dup = sorted(n for n, c in Counter(names).items() if c > 1)
+        if dup:
+            raise BankFormatError(f"bank concept names are not unique: {dup}")
+        if isinstance(layers, (str, bytes)) or not isinstance(layers, (Sequence, Tensor)):
+            raise BankFormatError(f"bank layers must be a list of integers, got {layers!r}")
+        layers = [_as_int("layer index", x) for x in layers]
+        if not layers:
+            raise BankFormatError("bank has no layers")
+        if any(x < 0 for x in layers) or any(b <= a for a, b in zip(layers, layers[1:])):
+            raise BankFormatError(f"bank layers must be distinct non-negative integers in "
+                                  f"ascending order, got {layers}")
+        if not isinstance(directions, Tensor) or directions.dim() != 3:
+            shape = tuple(directions.shape) if isinstance(directions, Tensor) else None
+            raise BankFormatError(f"bank directions must be a [L, K, d] tensor, got "
+                                  f"{shape or type(directions).__name__}")
+        L, K, d = len(layers), len(names), int(directions.shape[-1])
+        if d == 0:
+            raise BankFormatError("bank directions have hidden size 0")
+        dirs = _as_float_tensor("directions", directions, (L, K, d))
+        if not torch.isfinite(dirs).all():
+            where = (~torch.isfinite(dirs)).any(-1).nonzero()[0].tolist()
+            raise BankFormatError(f"bank directions contain NaN or inf (layer {layers[where[0]]}"
+                                  f", concept {names[where[1]]!r})")
+        norms = dirs.double().norm(dim=-1)
+        off = (norms - 1).abs() > UNIT_TOL
+        if off.any():
+            i, k = off.nonzero()[0].tolist()
+            raise BankFormatError(f"bank direction of concept {names[k]!r} at layer {layers[i]} "
+                                  f"has norm {float(norms[i, k]):.6g}, not 1 (directions must "
+                                  "be unit vectors)")
+        self.names: List[str] = names
+        self.layers: List[int] = layers
+        self.directions: Tensor = dirs
+        self.baseline_mean = self._stat("baseline_mean", baseline_mean, (L, K))
+        self.baseline_std = self._stat("baseline_std", baseline_std, (L, K))
+        if (self.baseline_std < 0).any():
+            raise BankFormatError("bank baseline_std has negative entries")
+        self.vector_norms = self._stat("vector_norms", vector_norms, (L, K))
+        self.resid_norm = self._stat("resid_norm", resid_norm, (L,))
+        if (self.vector_norms < 0).any() or (self.resid_norm < 0).any():
+            raise BankFormatError("bank vector_norms / resid_norm have negative entries")
+        default_layer = _as_int("default_layer", default_layer)
+        if default_layer not in layers:
+            raise BankFormatError(f"bank default_layer {default_layer} is not one of its layers "
+                                  f"{layers}")
+        self.default_layer: int = default_layer
+        if not isinstance(site, str) or not site:
+            raise BankFormatError(f"bank site must be a non-empty string, got {site!r}")
+        self.site: str = site
+        self.metadata: dict = _check_json("metadata", metadata or {})
+        self.fingerprint: dict = _check_json("fingerprint", fingerprint or {})
+
+    @staticmethod
+    def _stat(name: str, value, shape) -> Tensor:
+        t = _as_float_tensor(name, value, shape)
+        if torch.isinf(t).any():
+            raise BankFormatError(f"bank {name} contains inf (NaN is allowed: unknown)")
+        return t
+
+    # ---------------------------------------------------------------- shape and lookup
+    @property
+    def K(self) -> int:
+        """Number of concepts."""
+        return len(self.names)
+
+    @property
+    def L(self) -> int:
+        """Number of layers."""
+        return len(self.layers)
+
+    @property
+    def d(self) -> int:
+        """Hidden size."""
+        return int(self.directions.shape[-1])
+
+    def __repr__(self) -> str:
+        shown = ", ".join(self.names[:8]) + (", ..." if self.K > 8 else "")
+        return (f"ConceptBank(K={self.K} [{shown}], layers={self.layers[0]}..{self.layers[-1]} "
+                f"(L={self.L}), d={self.d}, site={self.site!r}, "
+                f"default_layer={self.default_layer}, method={self.metadata.get('method')!r})")
+
+    def layer_index(self, layer: Optional[int] = None) -> int:
+        """Position of decoder layer ``layer`` (default: the default layer) in ``layers``."""
+        layer = self.default_layer if layer is None else layer
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+            raise BankMismatchError(f"layer must be an integer, got {layer!r}")
+        if int(layer) not in self.layers:
+            raise BankMismatchError(f"layer {layer} is not in the bank (layers: {self.layers})")
+        return self.layers.index(int(layer))
+
+    def vectors(self, layer: Optional[int] = None) -> Tensor:
+        """``[K, d]`` unit directions at decoder layer ``layer`` (default layer if None)."""
+        return self.directions[self.layer_index(layer)]
+
+    def concept_index(self, name: str) -> int:
+        """Position of concept ``name``; :class:`UnknownConceptError` lists the known names."""
+        if name not in self.names:
+            shown = ", ".join(self.names[:30]) + (" ..." if self.K > 30 else "")
+            raise UnknownConceptError(f"unknown concept {name!r} (bank has: {shown})")
+        return self.names.index(name)
+
+    def z(self, scores: Tensor, layer: Optional[int] = None) -> Tensor:
+        """z-scores ``(scores - baseline_mean[l]) / baseline_std[l]`` of ``scores [..., K]``
+        (projections at decoder layer ``layer``); fp32, same shape."""
+        i = self.layer_index(layer)
+        if not isinstance(scores, Tensor) or scores.dim() == 0 or scores.shape[-1] != self.K:
+            shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+            raise BankMismatchError(f"scores must be a [..., K={self.K}] tensor, got {shape}")
+        mu = self.baseline_mean[i].to(scores.device)
+        sd = self.baseline_std[i].to(scores.device).clamp_min(1e-12)
+        return (scores.float() - mu) / sd
+
+    # ---------------------------------------------------------------- fitting a model
+    def check_fits(self, model, check_weights: bool = True) -> None:
+        """Raise :class:`BankMismatchError` naming every field where ``model`` differs from
+        the bank's fingerprint (architecture, hidden size, layer count, vocab size, weight
+        hash), or when the bank's layers or hidden size cannot exist in ``model``."""
+        cfg = text_config(model)
+        have = model_fingerprint(model, with_hash=False)
+        problems = []
+        for key in FINGERPRINT_FIELDS[:-1]:
+            want = self.fingerprint.get(key)
+            if want is not None and have.get(key) is not None and want != have[key]:
+                problems.append(f"{key}: bank {want!r}, model {have[key]!r}")
+        if self.d != int(cfg.hidden_size) and not any(p.startswith("hidden_size")
+                                                       for p in problems):
+            problems.append(f"hidden_size: bank {self.d}, model {int(cfg.hidden_size)}")
+        n = int(cfg.num_hidden_layers)
+        out = [x for x in self.layers if x >= n]
+        if out:
+            problems.append(f"layers {out} do not exist in a model with {n} decoder layers")
+        if check_weights and not problems and self.fingerprint.get("weight_hash"):
+            got = weight_hash(model)
+            if got is not None and got != self.fingerprint["weight_hash"]:
+                problems.append(f"weight_hash: bank {self.fingerprint['weight_hash']}, model "
+                                f"{got} (different weights; pass check_weights=False to use "
+                                "the bank anyway)")
+        if problems:
+            raise BankMismatchError("concept bank does not fit this model: "
+                                    + "; ".join(problems))
+
+    # ---------------------------------------------------------------- editing
+    def _concept_meta(self) -> Dict[str, dict]:
+        c = self.metadata.get("concepts")
+        return dict(c) if isinstance(c, Mapping) else {}
+
+    def _replace(self, **kw) -> "ConceptBank":
+        args = dict(names=self.names, layers=self.layers, directions=self.directions,
+                    baseline_mean=self.baseline_mean, baseline_std=self.baseline_std,
+                    vector_norms=self.vector_norms, resid_norm=self.resid_norm,
+                    default_layer=self.default_layer, site=self.site, metadata=self.metadata,
+                    fingerprint=self.fingerprint)
+        args.update(kw)
+        return ConceptBank(**args)
+
+    def subset(self, names: Iterable[str]) -> "ConceptBank":
+        """A bank of only ``names``, in that order."""
+        names = [names] if isinstance(names, str) else list(names)
+        if not names:
+            raise BankFormatError("subset needs at least one concept name")
+        idx = [self.concept_index(n) for n in names]
+        meta = dict(self.metadata)
+        cm = self._concept_meta()
+        if cm:
+            meta["concepts"] = {n: cm[n] for n in names if n in cm}
+        return self._replace(names=names, directions=self.directions[:, idx],
+                             baseline_mean=self.baseline_mean[:, idx],
+                             baseline_std=self.baseline_std[:, idx],
+                             vector_norms=self.vector_norms[:, idx], metadata=meta)
+
+    def select_layers(self, layers: Iterable[int]) -> "ConceptBank":
+        """A bank restricted to ``layers`` (kept in ascending order).  The default layer is
+        kept when present, otherwise the selected layer nearest to it."""
+        layers = sorted({int(x) for x in layers})
+        if not layers:
+            raise BankFormatError("select_layers needs at least one layer")
+        idx = [self.layer_index(x) for x in layers]
+        default = min(layers, key=lambda x: (abs(x - self.default_layer), x))
+        return self._replace(layers=layers, directions=self.directions[idx],
+                             baseline_mean=self.baseline_mean[idx],
+                             baseline_std=self.baseline_std[idx],
+                             vector_norms=self.vector_norms[idx],
+                             resid_norm=self.resid_norm[idx], default_layer=default)
+
+    def merge(self, other: "ConceptBank") -> "ConceptBank":
+        """This bank's concepts followed by ``other``'s.  Both must cover the same layers,
+        site and hidden size, have distinct names and compatible fingerprints."""
+        if not isinstance(other, ConceptBank):
+            raise BankMismatchError(f"can only merge a ConceptBank, got {type(other).__name__}")
+        if other.layers != self.layers:
+            raise BankMismatchError(f"cannot merge banks over different layers ({self.layers} "
+                                    f"vs {other.layers}); use select_layers() first")
+        if other.d != self.d or other.site != self.site:
+            raise BankMismatchError(f"cannot merge banks of hidden size / site {self.d}/"
+                                    f"{self.site!r} and {other.d}/{other.site!r}")
+        clash = [n for n in other.names if n in self.names]
+        if clash:
+            raise BankMismatchError(f"cannot merge: concept names in both banks: {clash}")
+        diff = [k for k in FINGERPRINT_FIELDS if self.fingerprint.get(k) is not None
+                and other.fingerprint.get(k) is not None
+                and self.fingerprint[k] != other.fingerprint[k]]
+        if diff:
+            raise BankMismatchError("cannot merge banks made for different models (fingerprint "
+                                    f"fields differ: {diff})")
+        meta = dict(self.metadata)
+        if other.metadata.get("method") != self.metadata.get("method"):
+            meta["method"] = "merged"
+            meta["methods"] = {"first": self.metadata.get("method"),
+                               "second": other.metadata.get("method")}
+        concepts = self._concept_meta()
+        concepts.update(other._concept_meta())
+        if concepts:
+            meta["concepts"] = concepts
+        fp = dict(other.fingerprint)
+        fp.update({k: v for k, v in self.fingerprint.items() if v is not None})
+        cat = lambda a, b: torch.cat([a, b], 1)  # noqa: E731
+        # resid_norm describes the model, not the concepts: keep ours where known
+        rn = torch.where(torch.isnan(self.resid_norm), other.resid_norm, self.resid_norm)
+        return self._replace(names=self.names + other.names,
+                             directions=cat(self.directions, other.directions),
+                             baseline_mean=cat(self.baseline_mean, other.baseline_mean),
+                             baseline_std=cat(self.baseline_std, other.baseline_std),
+                             vector_norms=cat(self.vector_norms, other.vector_norms),
+                             resid_norm=rn, metadata=meta, fingerprint=fp)
+
+    def with_concept(self, name: str, vectors, baseline_mean=math.nan, baseline_std=math.nan,
+                     **extras) -> "ConceptBank":
+        """A bank with one more concept carrying arbitrary vectors.
+
+        Args:
+            name: the new concept's name (must not exist yet).
+            vectors: ``[d]`` (the same vector at every layer), ``[L, d]`` (one per bank
+                layer), or a mapping ``{layer: [d]}`` covering every bank layer.  Each is
+                normalised; its norm is kept in ``vector_norms``.
+            baseline_mean, baseline_std: scalar or ``[L]`` statistics of the new concept's
+                projection on neutral text; NaN (default) = unknown until calibrated (see
+                :func:`steerkernel.concepts.extract.calibrate`).
+            extras: JSON-able per-concept metadata (e.g. ``valence=0.8``).
+        """
+        if not isinstance(name, str) or not name.strip():
+            raise BankFormatError(f"concept name must be a non-empty string, got {name!r}")
+        if name in self.names:
+            raise BankFormatError(f"concept {name!r} is already in the bank")
+        L, d = self.L, self.d
+        if isinstance(vectors, Mapping):
+            missing = [x for x in self.layers if x not in vectors]
+            extra = [x for x in vectors if x not in self.layers]
+            if missing or extra:
+                raise BankMismatchError(f"vectors for concept {name!r} must cover exactly the "
+                                        f"bank layers {self.layers} (missing {missing}, extra "
+                                        f"{extra})")
+            vectors = torch.stack([torch.as_tensor(vectors[x]).float().reshape(-1)
+                                   for x in self.layers])
+        v = torch.as_tensor(vectors).detach().float().cpu()
+        if v.dim() == 1:
+            v = v.expand(L, -1)
+        if tuple(v.shape) != (L, d):
+            raise BankMismatchError(f"vectors for concept {name!r} have shape "
+                                    f"{tuple(v.shape)}; expected [{d}], [{L}, {d}] or a "
+                                    "{layer: vector} mapping")
+        if not torch.isfinite(v).all():
+            raise BankFormatError(f"vectors for concept {name!r} contain NaN or inf")
+        n = v.double().norm(dim=-1)
+        if (n == 0).any():
+            raise BankFormatError(f"vector for concept {name!r} is zero at layer "
+                                  f"{self.layers[int((n == 0).nonzero()[0])]}")
+        unit = (v.double() / n[:, None]).float()
+
+        def col(x):
+            return torch.as_tensor(x, dtype=torch.float32).expand(L).reshape(L, 1)
+
+        meta = dict(self.metadata)
+        concepts = self._concept_meta()
+        concepts[name] = _check_json("concept extras", dict(extras, source="vector"))
+        meta["concepts"] = concepts
+        return self._replace(names=self.names + [name],
+                             directions=torch.cat([self.directions, unit[:, None]], 1),
+                             baseline_mean=torch.cat([self.baseline_mean, col(baseline_mean)], 1),
+                             baseline_std=torch.cat([self.baseline_std, col(baseline_std)], 1),
+                             vector_norms=torch.cat([self.vector_norms, n.float()[:, None]], 1),
+                             metadata=meta)
+
+    # ---------------------------------------------------------------- files
+    def _tensors(self) -> Dict[str, Tensor]:
+        return {k: getattr(self, k).contiguous() for k in TENSORS}
+
+    def _header(self) -> dict:
+        return {"format": FORMAT, "version": VERSION, "names": self.names,
+                "layers": self.layers, "site": self.site, "default_layer": self.default_layer,
+                "metadata": self.metadata, "fingerprint": self.fingerprint}
+
+    def save(self, path: PathLike) -> None:
+        """Write the bank to ``path`` (``.safetensors``) atomically (temp file + rename)."""
+        from safetensors.torch import save
+
+        path = os.fspath(path)
+        if path.endswith((".pt", ".pth", ".gguf")):
+            raise BankFormatError(f"banks are saved as .safetensors, not {path!r} (see "
+                                  "steerkernel.concepts.interop for GGUF control vectors)")
+        tensors = self._tensors()
+        meta_json = _json_dump(self._header())
+        data = save(tensors, metadata={META_KEY: meta_json,
+                                       HASH_KEY: _digest(meta_json, tensors)})
+        atomic_write_bytes(path, data)
+
+    @classmethod
+    def load(cls, path: PathLike) -> "ConceptBank":
+        """Read a bank written by :meth:`save` (``.safetensors``), or a ``.pt`` dict of the same
+        tensors plus a ``"bank"`` header dict (read with ``weights_only=True``).  GGUF control
+        vectors and plain vector files go through :mod:`steerkernel.concepts.interop`.
+
+        Raises:
+            FileNotFoundError: no such file.
+            BankFormatError: truncated, corrupted, bit-flipped or inconsistent file.
+        """
+        path = os.fspath(path)
+        check_regular_file(path)
+        if path.endswith((".pt", ".pth")):
+            return cls._load_pt(path)
+        if path.endswith(".gguf"):
+            from .interop import import_gguf
+
+            return import_gguf(path)
+        with open(path, "rb") as f:
+            return cls._from_safetensors_file(f, os.fstat(f.fileno()).st_size, path)
+
+    @classmethod
+    def _from_safetensors_file(cls, f, size: int, path: str) -> "ConceptBank":
+        def bad(msg):
+            return BankFormatError(f"{path}: not a valid concept bank: {msg}")
+
+        if size < 8:
+            raise bad(f"file is {size} bytes, too short for a safetensors header (truncated?)")
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > MAX_HEADER_BYTES:
+            raise bad(f"header claims {n} bytes (limit {MAX_HEADER_BYTES}); corrupted file")
+        if 8 + n > size:
+            raise bad(f"header claims {n} bytes but the file has only {size - 8} after the "
+                      "length field (truncated?)")
+        try:
+            header = json.loads(f.read(n).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise bad(f"header is not valid JSON ({e})") from None
+        if not isinstance(header, dict):
+            raise bad("header is not a JSON object")
+        meta = header.pop("__metadata__", None)
+        if not isinstance(meta, dict) or not isinstance(meta.get(META_KEY), str) \
+                or not isinstance(meta.get(HASH_KEY), str):
+            raise bad(f"header lacks the {META_KEY!r} / {HASH_KEY!r} metadata (not a steerkernel "
+                      "bank, or corrupted)")
+        missing = [t for t in TENSORS if t not in header]
+        unknown = [t for t in header if t not in TENSORS]
+        if missing or unknown:
+            raise bad(f"tensors missing {missing}, unexpected {unknown[:5]}")
+        data_len = size - 8 - n
+        spans = []
+        for name in TENSORS:
+            info = header[name]
+            if not isinstance(info, dict) or info.get("dtype") != "F32":
+                raise bad(f"tensor {name!r} must be F32, got {info!r:.80}")
+            shape, offs = info.get("shape"), info.get("data_offsets")
+            if not (isinstance(shape, list) and all(type(s) is int and 0 <= s < 2 ** 40
+                                                    for s in shape)):
+                raise bad(f"tensor {name!r} has an invalid shape {shape!r:.80}")
+            if not (isinstance(offs, list) and len(offs) == 2
+                    and all(type(o) is int for o in offs) and 0 <= offs[0] <= offs[1]):
+                raise bad(f"tensor {name!r} has invalid data offsets {offs!r:.80}")
+            nbytes = 4 * math.prod(shape)
+            if offs[1] - offs[0] != nbytes:
+                raise bad(f"tensor {name!r} of shape {shape} needs {nbytes} bytes but its "
+                          f"offsets span {offs[1] - offs[0]}")
+            if offs[1] > data_len:
+                raise bad(f"tensor {name!r} ends at byte {offs[1]} of a {data_len}-byte data "
+                          "section (truncated?)")
+            spans.append((offs[0], offs[1], name, shape))
+        spans.sort()
+        end = 0
+        for b, e, name, _ in spans:
+            if b != end:
+                raise bad(f"tensor data overlaps or leaves gaps (at {name!r})")
+            end = e
+        if end != data_len:
+            raise bad(f"data section is {data_len} bytes but the tensors cover {end} "
+                      "(trailing garbage or truncated)")
+        # every size is now bounded by the file size: reading the data is safe
+        blob = f.read(data_len)
+        if len(blob) != data_len:
+            raise bad("file shrank while reading (truncated)")
+        tensors = {name: torch.from_numpy(np.frombuffer(blob, dtype="<f4", count=(e - b) // 4,
+                                                        offset=b).astype(np.float32)
+                                          .reshape(shape))
+                   for b, e, name, shape in spans}
+        if _digest(meta[META_KEY], tensors) != meta[HASH_KEY]:
+            raise bad("checksum mismatch: the file was modified or corrupted")
+        try:
+            info = json.loads(meta[META_KEY])
+        except (ValueError, RecursionError) as e:
+            raise bad(f"bank metadata is not valid JSON ({e})") from None
+        return cls._from_parts(info, tensors, bad)
+
+    @classmethod
+    def _from_parts(cls, info, tensors: Mapping[str, Tensor], bad) -> "ConceptBank":
+        if not isinstance(info, dict):
+            raise bad("bank metadata is not a JSON object")
+        if info.get("format") != FORMAT:
+            raise bad(f"format is {info.get('format')!r}, expected {FORMAT!r}")
+        if info.get("version") != VERSION:
+            raise bad(f"format version {info.get('version')!r} is not supported (this "
+                      f"steerkernel reads version {VERSION})")
+        need = ("names", "layers", "site", "default_layer", "metadata", "fingerprint")
+        missing = [k for k in need if k not in info]
+        if missing:
+            raise bad(f"bank metadata lacks {missing}")
+        names, layers = info["names"], info["layers"]
+        if not isinstance(names, list) or not isinstance(layers, list):
+            raise bad("names and layers must be lists")
+        dirs = tensors["directions"]
+        if dirs.dim() != 3 or dirs.shape[:2] != (len(layers), len(names)):
+            raise bad(f"directions have shape {tuple(dirs.shape)} but the bank has "
+                      f"L={len(layers)} layers and K={len(names)} concepts")
+        try:
+            return cls(names=names, layers=layers, directions=dirs,
+                       baseline_mean=tensors["baseline_mean"],
+                       baseline_std=tensors["baseline_std"],
+                       vector_norms=tensors["vector_norms"], resid_norm=tensors["resid_norm"],
+                       default_layer=info["default_layer"], site=info["site"],
+                       metadata=info["metadata"], fingerprint=info["fingerprint"])
+        except BankFormatError as e:
+            raise bad(str(e)) from None
+
+    @classmethod
+    def _load_pt(cls, path: str) -> "ConceptBank":
+        def bad(msg):
+            return BankFormatError(f"{path}: not a valid concept bank: {msg}")
+
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises many kinds on corrupt / unsafe files
+            raise bad(f"cannot read it with torch.load(weights_only=True): {e}") from None
+        if not isinstance(obj, dict) or "bank" not in obj or any(t not in obj for t in TENSORS):
+            raise bad(f"a .pt bank is a dict of {list(TENSORS)} plus a 'bank' header dict; for "
+                      "plain per-layer vectors use steerkernel.concepts.interop.import_vectors")
+        if not all(isinstance(obj[t], Tensor) for t in TENSORS):
+            raise bad("bank tensors must be torch tensors")
+        return cls._from_parts(obj["bank"], {t: obj[t].float() for t in TENSORS}, bad)
+
+    # ---------------------------------------------------------------- extraction
+    @classmethod
+    def extract(cls, model=None, tokenizer=None, corpus=None, **kwargs) -> "ConceptBank":
+        """Extract a bank; see :func:`steerkernel.concepts.extract.extract_bank`."""
+        from .extract import extract_bank
+
+        return extract_bank(model, tokenizer, corpus, **kwargs)

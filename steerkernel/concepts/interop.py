@@ -1,0 +1,264 @@
+"""Import and export of steering vectors made by other tools.
+
+llama.cpp GGUF control vectors
+    ``general.architecture = "controlvector"``, ``controlvector.model_hint`` (model type),
+    ``controlvector.layer_count``, and one F32 tensor ``direction.N`` of ``n_embd`` values per
+    layer.  **Layer numbering:** llama.cpp adds ``direction.N`` to the output of decoder layer
+    ``N`` counted from 0 (its graph calls the control vector at the end of block ``il`` with
+    ``il = N``), which is exactly steerkernel's ``resid_post`` at layer ``N``: indices map
+    one-to-one.  llama.cpp rejects ``direction.0`` (it never steers the first block's output),
+    so exporting a bank that includes layer 0 is refused; drop it with
+    ``bank.select_layers(...)``.  repeng writes the same format with the same numbering.
+    The vector in the file carries its magnitude (llama.cpp multiplies it by the user's
+    ``--control-vector-scaled`` factor); see :func:`export_gguf` for the scale written.
+
+repeng / steering-vectors style plain vectors
+    A ``.safetensors`` file or a ``.pt`` dict (read with ``torch.load(weights_only=True)``;
+    pickled objects are refused) mapping layer -> ``[d]`` vector.  Keys may be ints or strings
+    ending in the layer index (``"12"``, ``"direction.12"``, ``"layers.12"``,
+    ``"model.layers.12"``); a single ``[L, d]`` tensor means layers ``0..L-1``.  The layer is
+    the 0-based decoder layer whose output the vector is added to.
+
+Imported vectors become a one-concept :class:`ConceptBank` (unit direction + natural norm).
+Its statistics are unknown (NaN) unless a model is given, in which case they are measured on
+the built-in neutral texts (:func:`steerkernel.concepts.extract.calibrate`).
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import tempfile
+from typing import Mapping, Optional, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import BankFormatError, BankMismatchError
+from .bank import ConceptBank, check_regular_file, default_file_mode
+
+ARCH = "controlvector"
+_KEY = re.compile(r"^(?:.*\.)?(\d+)$")
+
+
+def _layer_of(key) -> int:
+    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+        if not 0 <= key < 10 ** 9:
+            raise BankFormatError(f"layer index {key} is out of range")
+        return int(key)
+    m = _KEY.match(str(key))
+    if not m or len(m.group(1)) > 9:
+        raise BankFormatError(f"cannot read a layer index from key {str(key)[:60]!r} (expected "
+                              "an int below 10^9 or a name ending in '.N', e.g. 'direction.12')")
+    return int(m.group(1))
+
+
+def bank_from_vectors(vectors: Mapping[int, Tensor], name: str, *, model=None, tokenizer=None,
+                      source: str = "vectors", metadata: Optional[dict] = None) -> ConceptBank:
+    """A one-concept bank from ``{layer: [d] vector}`` (any float dtype).
+
+    The directions are the normalised vectors and ``vector_norms`` their norms.  With a
+    ``model`` the bank is checked against it and calibrated (baseline, residual norms, default
+    layer); otherwise those statistics are NaN (unknown) and the default layer is the middle
+    one.
+    """
+    if not vectors:
+        raise BankFormatError(f"{source}: no vectors found")
+    layers = sorted(vectors)
+    rows = []
+    for x in layers:
+        v = torch.as_tensor(vectors[x]).detach().float().cpu().reshape(-1)
+        rows.append(v)
+    d = rows[0].numel()
+    bad = [x for x, v in zip(layers, rows) if v.numel() != d]
+    if bad or d == 0:
+        raise BankFormatError(f"{source}: vectors have different or zero sizes (layers {bad})")
+    V = torch.stack(rows)  # [L, d]
+    if not torch.isfinite(V).all():
+        raise BankFormatError(f"{source}: vectors contain NaN or inf")
+    norms = V.double().norm(dim=-1)
+    if (norms == 0).any():
+        raise BankFormatError(f"{source}: the vector at layer "
+                              f"{layers[int((norms == 0).nonzero()[0])]} is zero")
+    L = len(layers)
+    nan = torch.full((L, 1), math.nan)
+    bank = ConceptBank(names=[name], layers=layers,
+                       directions=(V.double() / norms[:, None]).float()[:, None],
+                       baseline_mean=nan, baseline_std=nan,
+                       vector_norms=norms.float()[:, None], resid_norm=torch.full((L,), math.nan),
+                       default_layer=layers[L // 2], site="resid_post",
+                       metadata=dict(metadata or {}, method="imported", source=source,
+                                     concepts={name: {"source": source}}),
+                       fingerprint={"hidden_size": d})
+    if model is not None:
+        from .bank import text_config
+        from .extract import calibrate, choose_default_layer
+
+        bank.check_fits(model)
+        bank = calibrate(bank, model, tokenizer)
+        n = int(text_config(model).num_hidden_layers)
+        bank = bank._replace(default_layer=choose_default_layer(bank.layers, n))
+    return bank
+
+
+# ------------------------------------------------------------------------------ GGUF
+def export_gguf(bank: ConceptBank, concept: str, path: Union[str, os.PathLike], *,
+                strength: Optional[float] = None, model_hint: Optional[str] = None) -> None:
+    """Write concept ``concept`` of ``bank`` as a llama.cpp control vector (atomically).
+
+    The tensor ``direction.N`` holds ``v_N * s_N`` with ``s_N = vector_norms[N]`` (the
+    natural norm) when ``strength`` is None, else ``s_N = strength * resid_norm[N]`` (the
+    relative strength convention of steerkernel).  Layer numbering: see the module docs.
+    """
+    import gguf
+
+    k = bank.concept_index(concept)
+    if 0 in bank.layers:
+        raise BankMismatchError("llama.cpp control vectors cannot steer layer 0 (direction.0 is "
+                                "rejected); export bank.select_layers(bank.layers[1:]) instead")
+    if strength is None:
+        scale = bank.vector_norms[:, k]
+    else:
+        if not math.isfinite(strength):
+            raise ValueError(f"strength must be finite, got {strength}")
+        scale = strength * bank.resid_norm
+    if not torch.isfinite(scale).all():
+        raise BankMismatchError(f"the scale of {concept!r} is unknown (NaN statistics: calibrate "
+                                "the bank first, or give an explicit strength on a calibrated "
+                                "bank)")
+    hint = model_hint or bank.fingerprint.get("model_type") or bank.metadata.get("model_hint") \
+        or bank.fingerprint.get("architecture") or "unknown"
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".gguf", dir=folder)
+    os.fchmod(fd, default_file_mode())
+    os.close(fd)
+    try:
+        writer = gguf.GGUFWriter(tmp, ARCH)
+        writer.add_string(f"{ARCH}.model_hint", str(hint))
+        writer.add_uint32(f"{ARCH}.layer_count", bank.L)
+        for i, layer in enumerate(bank.layers):
+            vec = (bank.directions[i, k].double() * float(scale[i])).float().numpy()
+            writer.add_tensor(f"direction.{layer}", np.ascontiguousarray(vec))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_gguf_vectors(path: Union[str, os.PathLike]):
+    """``({layer: np.ndarray [d]}, model_hint or None)`` from a GGUF control-vector file."""
+    import gguf
+
+    path = os.fspath(path)
+    check_regular_file(path, "control vector file")
+    try:
+        reader = gguf.GGUFReader(path)
+        arch = reader.get_field("general.architecture")
+        arch = bytes(arch.parts[-1]).decode("utf-8", "replace") if arch else None
+        hint = reader.get_field(f"{ARCH}.model_hint")
+        hint = bytes(hint.parts[-1]).decode("utf-8", "replace") if hint else None
+        tensors = [(t.name, t.tensor_type, np.array(t.data, copy=True)) for t in reader.tensors]
+    except Exception as e:  # gguf raises assorted errors on a damaged file
+        raise BankFormatError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") \
+            from None
+    if arch != ARCH:
+        raise BankFormatError(f"{path}: general.architecture is {arch!r}, not {ARCH!r} (not a "
+                              "control vector)")
+    vectors = {}
+    for name, ttype, data in tensors:
+        if not name.startswith("direction."):
+            continue
+        layer = _layer_of(name)
+        if ttype not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            raise BankFormatError(f"{path}: tensor {name} has type {ttype.name}; only F32/F16 "
+                                  "control vectors are supported")
+        if layer in vectors:
+            raise BankFormatError(f"{path}: tensor {name} appears twice")
+        vectors[layer] = data.astype(np.float32).reshape(-1)
+    if not vectors:
+        raise BankFormatError(f"{path}: no direction.N tensors")
+    return vectors, hint
+
+
+def import_gguf(path: Union[str, os.PathLike], name: Optional[str] = None, *, model=None,
+                tokenizer=None) -> ConceptBank:
+    """A one-concept bank from a llama.cpp / repeng control vector (see the module docs).
+    ``name`` defaults to the file's stem."""
+    vectors, hint = read_gguf_vectors(path)
+    name = name or os.path.splitext(os.path.basename(os.fspath(path)))[0]
+    return bank_from_vectors(vectors, name, model=model, tokenizer=tokenizer,
+                             source=os.path.basename(os.fspath(path)),
+                             metadata={"model_hint": hint, "format": "gguf control vector"})
+
+
+# ------------------------------------------------------------------------------ plain vectors
+def import_vectors(path: Union[str, os.PathLike], name: Optional[str] = None, *, model=None,
+                   tokenizer=None) -> ConceptBank:
+    """A one-concept bank from a ``.gguf``, ``.safetensors`` or ``.pt`` vector file."""
+    path = os.fspath(path)
+    if path.endswith(".gguf"):
+        return import_gguf(path, name, model=model, tokenizer=tokenizer)
+    check_regular_file(path, "vector file")
+    name = name or os.path.splitext(os.path.basename(path))[0]
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        try:
+            obj = load_file(path)
+        except Exception as e:  # safetensors raises its own error types
+            raise BankFormatError(f"{path}: not a readable safetensors file ({e})") from None
+    elif path.endswith((".pt", ".pth")):
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # unpickling errors of many kinds; nothing unsafe is run
+            raise BankFormatError(f"{path}: cannot read it with torch.load(weights_only=True) "
+                                  f"({type(e).__name__}: {e}); save a dict of tensors") from None
+    else:
+        raise BankFormatError(f"{path}: unsupported vector file type (use .gguf, .safetensors "
+                              "or .pt)")
+    if isinstance(obj, Tensor):
+        if obj.dim() != 2:
+            raise BankFormatError(f"{path}: a bare tensor must be [L, d], got {tuple(obj.shape)}")
+        obj = {i: obj[i] for i in range(obj.shape[0])}
+    if not isinstance(obj, Mapping):
+        raise BankFormatError(f"{path}: expected a dict of layer -> vector, got "
+                              f"{type(obj).__name__}")
+    vectors = {}
+    for key, value in obj.items():
+        if not isinstance(value, Tensor):
+            raise BankFormatError(f"{path}: value of {key!r} is not a tensor")
+        if value.dim() == 2 and 1 in value.shape:
+            value = value.reshape(-1)
+        if value.dim() != 1:
+            raise BankFormatError(f"{path}: vector {key!r} has shape {tuple(value.shape)}, "
+                                  "expected [d]")
+        layer = _layer_of(key)
+        if layer in vectors:
+            raise BankFormatError(f"{path}: two vectors for layer {layer}")
+        vectors[layer] = value
+    return bank_from_vectors(vectors, name, model=model, tokenizer=tokenizer,
+                             source=os.path.basename(path))
+
+
+def export_vectors(bank: ConceptBank, concept: str, path: Union[str, os.PathLike], *,
+                   strength: Optional[float] = None) -> None:
+    """Write one concept as a ``.safetensors`` dict ``{"N": [d]}`` (layer N; same scale rule
+    as :func:`export_gguf`), readable by :func:`import_vectors`."""
+    from safetensors.torch import save
+
+    from .bank import atomic_write_bytes
+
+    k = bank.concept_index(concept)
+    scale = bank.vector_norms[:, k] if strength is None else strength * bank.resid_norm
+    if not torch.isfinite(scale).all():
+        raise BankMismatchError(f"the scale of {concept!r} is unknown (NaN statistics)")
+    tensors = {str(x): (bank.directions[i, k] * scale[i]).contiguous()
+               for i, x in enumerate(bank.layers)}
+    atomic_write_bytes(path, save(tensors, metadata={"concept": concept}))
