@@ -50,6 +50,7 @@ place when a request's program changes (no reallocation, so captured graphs stay
 String form (for CLIs), entries separated by ``;`` or ``,``::
 
     entry   := CONCEPT action ["@" layers] [":" tokens] ["?" gate]
+    CONCEPT := NAME | QUOTED              calm   "joy, mild"   "fear (z)"
     action  := "=" NUMBER [unit]          add (default unit rel)   calm=+0.05   calm=4abs
              | "=ablate"                  ablate                   refusal=ablate
              | "=mean"                    pin to the baseline mean fear=mean
@@ -58,11 +59,18 @@ String form (for CLIs), entries separated by ``;`` or ``,``::
              | "==" NUMBER [unit]         pin                      fear==0.5
     unit    := "abs" | "rel" | "z"
     layers  := RANGE ("+" RANGE)*  with RANGE := INT | INT "-" INT (inclusive)   @10-20+25
+               (layer indices below MAX_LAYER = 100,000)
     tokens  := "all" | "prompt" | "generated"
     gate    := CONCEPT (">" | "<") NUMBER [unit] ["!"]       "!" latches the gate
                                                               (default unit abs)
 
 Example: ``"calm=+0.08@10-20:generated?desperate>2z!; refusal=ablate"``.
+
+Concept names: any non-empty string a bank allows.  A ``NAME`` is written bare when it has no
+whitespace and none of ``= < > @ : ? ; , ! " \\``; any other name is a ``QUOTED`` string in
+double quotes with ``\\"`` and ``\\\\`` escaping a quote and a backslash (e.g. the concept
+``joy, mild`` is written ``"joy, mild"``).  :func:`format_steer` quotes exactly when needed and
+writes numbers with ``repr``, so ``parse_steer(format_steer(s)) == s`` for every :class:`Steer`.
 """
 from __future__ import annotations
 
@@ -77,6 +85,11 @@ from torch import Tensor
 from .errors import SpecError, UnknownConceptError
 
 OPS = ("add", "ablate", "cap_above", "cap_below", "pin")
+#: layer indices of a steer must lie in ``[0, MAX_LAYER)`` (no model comes close; bounds what
+#: a range such as ``@0-1000000000`` may expand to)
+MAX_LAYER = 100_000
+#: largest magnitude a resolved value may have: the op's tables are float32
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 UNITS = ("abs", "rel", "z")
 TOKENS = ("all", "prompt", "generated")
 PHASES = ("prompt", "generated")
@@ -120,9 +133,11 @@ class Steer:
     """One intervention on one concept (see the module docstring for the math).
 
     Args:
-        concept: a name in the bank.
+        concept: a name in the bank (any non-empty string; the string form quotes names
+            that hold grammar characters).
         op: ``add``, ``ablate``, ``cap_above``, ``cap_below`` or ``pin``.
-        value: strength (add), threshold (caps) or target (pin); ignored by ``ablate``.
+        value: strength (add), threshold (caps) or target (pin); ignored by ``ablate``
+            (stored as 0.0, with unit ``abs``).
         unit: ``abs``, ``rel`` or ``z``; None = ``rel`` for add, ``abs`` otherwise.
         layers: decoder-layer indices (must be bank layers); None = every bank layer.
         tokens: ``all``, ``prompt`` or ``generated``.
@@ -147,6 +162,9 @@ class Steer:
         if unit not in UNITS:
             raise SpecError(f"unit must be one of {UNITS}, got {self.unit!r}")
         object.__setattr__(self, "unit", unit)
+        if self.op == "ablate":  # value and unit mean nothing here: one canonical form
+            object.__setattr__(self, "value", 0.0)
+            object.__setattr__(self, "unit", "abs")
         if self.layers is not None:
             layers = tuple(self.layers) if not isinstance(self.layers, int) else (self.layers,)
             for layer in layers:
@@ -209,7 +227,10 @@ class Program:
 
 # ---------------------------------------------------------------------------- string form
 _NUM = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
-_NAME = r"[^\s=<>@:?;,!]+"
+_BARE = r'[^\s=<>@:?;,!"\\]+'
+_QUOTED = r'"(?:[^"\\]|\\.)*"'
+_NAME = rf"{_QUOTED}|{_BARE}"
+_BARE_RE = re.compile(_BARE)
 _ENTRY = re.compile(
     rf"^(?P<concept>{_NAME})\s*"
     rf"(?:(?P<cmp><=|>=|==)\s*(?P<cval>{_NUM})(?P<cunit>abs|rel|z)?"
@@ -220,16 +241,43 @@ _ENTRY = re.compile(
     rf"\s*(?P<latch>!)?)?\s*$")
 
 
+def _show(value, limit: int = 60) -> str:
+    """``repr`` of ``value`` cut to ``limit`` characters (error messages quote user input)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 20]}...<{len(text)} chars>"
+
+
+def _name(text: str) -> str:
+    """A concept as written in the string form: bare, or quoted with ``\\`` escapes."""
+    if text.startswith('"'):
+        return re.sub(r"\\(.)", r"\1", text[1:-1], flags=re.S)
+    return text
+
+
+def _format_name(name: str) -> str:
+    if _BARE_RE.fullmatch(name):
+        return name
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def _parse_layers(text: str, entry: str) -> Tuple[int, ...]:
+    """Expand ``"10-20+25"``; every index must lie in ``[0, MAX_LAYER)`` (checked on the digit
+    strings before any ``int()`` or expansion, so hostile ranges cost nothing)."""
     out: List[int] = []
+    digits = len(str(MAX_LAYER - 1))
     for part in text.replace(" ", "").split("+"):
         m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
         if not m:
-            raise SpecError(f"bad layer range {part!r} in {entry!r} (use e.g. @10-20+25)")
-        a = int(m.group(1))
-        b = int(m.group(2)) if m.group(2) is not None else a
+            raise SpecError(f"bad layer range {_show(part)} in {_show(entry)} "
+                            "(use e.g. @10-20+25)")
+        ends = [g.lstrip("0") or "0" for g in m.groups() if g is not None]
+        if any(len(e) > digits or int(e) >= MAX_LAYER for e in ends):
+            raise SpecError(f"layer range {_show(part)} in {_show(entry)} is out of bounds: "
+                            f"layer indices lie in [0, {MAX_LAYER})")
+        a = int(ends[0])
+        b = int(ends[-1])
         if b < a:
-            raise SpecError(f"empty layer range {part!r} in {entry!r}")
+            raise SpecError(f"empty layer range {part!r} in {_show(entry)}")
         out.extend(range(a, b + 1))
     return tuple(out)
 
@@ -259,35 +307,59 @@ def parse_steer(text: str) -> Steer:
         raise SpecError(f"bad tokens {tokens!r} in {entry!r}; choose one of {TOKENS}")
     gate = None
     if g["gconcept"]:
-        gate = Gate(g["gconcept"], float(g["gval"]), above=g["gdir"] == ">",
+        gate = Gate(_name(g["gconcept"]), float(g["gval"]), above=g["gdir"] == ">",
                     unit=g["gunit"] or "abs", latch=bool(g["latch"]))
-    return Steer(g["concept"], op, value, unit, layers, tokens, gate)
+    return Steer(_name(g["concept"]), op, value, unit, layers, tokens, gate)
+
+
+def _split_entries(text: str) -> List[str]:
+    """Split at ``;`` / ``,`` outside double-quoted names (one linear pass)."""
+    if '"' not in text:
+        return re.split(r"[;,]", text)
+    parts, start, quoted, escaped = [], 0, False, False
+    for i, c in enumerate(text):
+        if quoted:
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == '"':
+                quoted = False
+        elif c == '"':
+            quoted = True
+        elif c in ";,":
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return parts
 
 
 def parse_program(text: str) -> Program:
-    """Parse ``"calm=+0.05; refusal=ablate"`` (``;`` or ``,`` between entries)."""
+    """Parse ``"calm=+0.05; refusal=ablate"`` (``;`` or ``,`` between entries; quoted concept
+    names may contain them)."""
     if not isinstance(text, str):
         raise SpecError(f"a steering string must be str, got {type(text).__name__}")
-    parts = [p for p in re.split(r"[;,]", text) if p.strip()]
+    parts = [p for p in _split_entries(text) if p.strip()]
     return Program(tuple(parse_steer(p) for p in parts))
 
 
 def format_steer(s: Steer) -> str:
-    """The string form of one entry (round-trips through :func:`parse_steer`)."""
+    """The string form of one entry: ``parse_steer(format_steer(s)) == s`` exactly (numbers
+    are written with ``repr``, names are quoted when they hold grammar characters)."""
     if s.op == "ablate":
         body = "=ablate"
     else:
         sym = {"add": "=", "cap_above": "<=", "cap_below": ">=", "pin": "=="}[s.op]
-        body = f"{sym}{s.value:+g}{s.unit}"
+        body = f"{sym}{s.value:+}{s.unit}"
     if s.layers is not None:
         body += "@" + "+".join(str(x) for x in s.layers)
     if s.tokens != "all":
         body += ":" + s.tokens
     if s.gate is not None:
         g = s.gate
-        body += f"?{g.concept}{'>' if g.above else '<'}{g.threshold:g}{g.unit}"
+        body += f"?{_format_name(g.concept)}{'>' if g.above else '<'}{g.threshold!r}{g.unit}"
         body += "!" if g.latch else ""
-    return s.concept + body
+    return _format_name(s.concept) + body
 
 
 # ---------------------------------------------------------------------------- compilation
@@ -370,6 +442,10 @@ def _resolve(value: float, unit: str, as_shift: bool, i: int, k: int, bank) -> f
     if not math.isfinite(out):
         raise SpecError(f"value {value} {unit} resolves to {out} at layer {bank.layers[i]} "
                         "(check the bank's statistics)")
+    if abs(out) > FLOAT32_MAX:
+        raise SpecError(f"value {value!r} {unit} of concept {bank.names[k]!r} resolves to "
+                        f"{out!r} at layer {bank.layers[i]}, which overflows float32 (the op's "
+                        f"tables hold |x| <= {FLOAT32_MAX:.8g}; it would be non-finite)")
     return out
 
 

@@ -207,6 +207,18 @@ def test_report_renders_table_and_plot(smoke_result, tmp_path):
     assert (tmp_path / "smoke.png").stat().st_size > 1000
 
 
+def test_readme_table_is_spliced_between_markers(tmp_path):
+    doc = tmp_path / "README.md"
+    doc.write_text(f"intro\n{report.README_START}\nold table\n{report.README_END}\nrest\n")
+    assert report.splice_readme("| new | table |\n", str(doc))
+    assert doc.read_text() == (f"intro\n{report.README_START}\n| new | table |\n"
+                               f"{report.README_END}\nrest\n")
+    plain = tmp_path / "PLAIN.md"
+    plain.write_text("no markers\n")
+    assert not report.splice_readme("x", str(plain)) and plain.read_text() == "no markers\n"
+    assert not report.splice_readme("x", str(tmp_path / "missing.md"))
+
+
 def test_latest_results_prefers_full_then_newest(tmp_path):
     def doc(size, created, device="cpu", complete=True):
         return {"size": size, "created": created, "device": device, "complete": complete}

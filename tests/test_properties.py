@@ -34,7 +34,7 @@ from typing import Dict, List, Optional
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, note, settings
+from hypothesis import HealthCheck, assume, event, given, note, settings
 from hypothesis import strategies as st
 
 from steerkernel import backends
@@ -840,6 +840,145 @@ def test_scores_agree_across_backends():
         got[b] = run_case(to_device(case, dev), b)["scores"].cpu()
     for b in names[1:]:
         assert_close(got[b], got[names[0]], SCORE_TOLERANCES[torch.float32], f"{b} vs reference")
+
+
+# --------------------------------------------------------------------------- shared memory
+#: arguments that may be placed in one shared buffer, and those the op writes
+SHARE_ARGS = ("residual", "x", "out", "scores", "norms", "V", "weight", "slot", "shift", "lo",
+              "hi", "gate_concept", "gate_threshold", "latch")
+WRITTEN_ARGS = frozenset({"residual", "out", "scores", "norms", "latch"})
+#: pairs that may be the very same view (x is the residual; out is x)
+SAME_VIEW_OK = (frozenset({"x", "residual"}), frozenset({"out", "x"}))
+
+
+def _byte_set(t: torch.Tensor) -> set:
+    """Every byte address ``t`` reads or writes (small tensors only)."""
+    offs = [0]
+    for n, st_ in zip(t.shape, t.stride()):
+        offs = [o + i * st_ for o in offs for i in range(n)]
+    esz, base = t.element_size(), t.data_ptr()
+    return {base + o * esz + b for o in offs for b in range(esz)}
+
+
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride())
+
+
+@needs_cpu
+@_settings(250)
+@given(data=st.data())
+def test_shared_buffer_aliasing_is_exact(data):
+    """Arguments placed at random offsets in one buffer, every strided one with the same row
+    stride (column slices of one row-major buffer, the layout of real packed buffers), the
+    others dense anywhere.  An independent byte-level oracle decides: if a written tensor
+    shares a byte with any other argument (except x *being* the residual and out *being* x)
+    the call must raise ValueError and write nothing; otherwise it must be accepted and give
+    bit for bit what separate buffers give, touching no byte outside the written views."""
+    draw = data.draw
+    T, d, K, P = draw(st.integers(1, 4)), draw(st.integers(1, 6)), draw(st.integers(1, 3)), 3
+    packed = draw(st.booleans(), label="packed")
+    width = {"residual": d, "x": d, "out": d, "scores": K, "norms": 1}
+    if packed:  # disjoint column slices of one [T, S] buffer, in a random order
+        shared = draw(st.sets(st.sampled_from(sorted(width)), min_size=2), label="shared")
+        order = draw(st.permutations(sorted(shared)), label="column order")
+        S = sum(width[n] for n in order) + draw(st.integers(0, 3), label="row padding")
+        columns, c = {}, 0
+        for n in order:
+            columns[n], c = c, c + width[n]
+    else:
+        S = draw(st.integers(max(d, K), 2 * max(d, K) + 4), label="row stride")
+        shared = draw(st.sets(st.sampled_from(SHARE_ARGS), min_size=2, max_size=7),
+                      label="shared")
+    words = T * S + 48
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16), label="seed"))
+    raw = torch.randn(words, generator=gen) * 0.5
+    same = draw(st.sampled_from([None, "x=residual", "out=x"]), label="same view")
+    backend = draw(st.sampled_from(["cpu", "cpu", "reference"]), label="backend")
+    geometry = {"residual": ((T, d), (S, 1)), "x": ((T, d), (S, 1)), "out": ((T, d), (S, 1)),
+                "scores": ((T, K), (S, 1)), "norms": ((T,), (S,)), "V": ((K, d), (d, 1)),
+                "weight": ((d,), (1,)), "slot": ((T,), (1,)), "shift": ((P, K), (K, 1)),
+                "lo": ((P, K), (K, 1)), "hi": ((P, K), (K, 1)), "gate_concept": ((P,), (1,)),
+                "gate_threshold": ((P,), (1,)), "latch": ((P,), (1,))}
+    ints = {"slot", "gate_concept", "latch"}
+    kw, offsets = {}, {}
+    for name in SHARE_ARGS:
+        shape, stride = geometry[name]
+        span = 1 + sum((n - 1) * s_ for n, s_ in zip(shape, stride))
+        dtype = torch.int32 if name in ints else torch.float32
+        if name in shared:
+            if packed:
+                offsets[name] = columns[name]
+            else:
+                column = st.integers(0, S - 1) if stride[0] == S else st.nothing()
+                offsets[name] = draw(column | st.integers(0, words - span),
+                                     label=f"{name} offset")
+            base = raw.view(torch.int32) if name in ints else raw
+            kw[name] = base.as_strided(shape, stride, offsets[name])
+        else:
+            kw[name] = (torch.randn(shape, generator=gen) * 0.5).to(dtype)
+    # valid-ish integer contents (later writes win where they share memory; the op runs with
+    # check_values=False, and out-of-range slots / gate concepts are defined to be inert)
+    kw["slot"].copy_(torch.randint(0, P, (T,), generator=gen, dtype=torch.int32))
+    kw["gate_concept"].copy_(torch.tensor([-1, 0, K - 1], dtype=torch.int32))
+    kw["latch"].copy_(torch.tensor([0, 1, 0], dtype=torch.int32))
+    kw["lo"].copy_(torch.minimum(kw["lo"], kw["hi"]))
+    in_raw = dict(offsets)  # where each argument living in the shared buffer starts
+    if same == "x=residual":
+        kw["x"] = kw["residual"]
+        in_raw.pop("x", None)
+        if "residual" in offsets:
+            in_raw["x"] = offsets["residual"]
+    elif same == "out=x":
+        kw["out"] = kw["x"]
+        in_raw.pop("out", None)
+        if "x" in offsets:
+            in_raw["out"] = offsets["x"]
+    kw.update(gate_above=torch.tensor([True, False, True]), eps=1e-6, check_values=False)
+    note(f"T={T} d={d} K={K} S={S} packed={packed} shared={sorted(shared)} offsets={in_raw} "
+         f"same={same} "
+         f"backend={backend}")
+
+    must_reject, interleaved = None, False
+    for i, a in enumerate(SHARE_ARGS):
+        for b in SHARE_ARGS[i + 1:]:
+            if a not in WRITTEN_ARGS and b not in WRITTEN_ARGS:
+                continue
+            ta, tb = kw[a], kw[b]
+            if frozenset({a, b}) in SAME_VIEW_OK and _same_view(ta, tb):
+                continue
+            sa, sb = _byte_set(ta), _byte_set(tb)
+            if sa & sb:
+                must_reject = must_reject or (a, b)
+            elif min(sa) < max(sb) and min(sb) < max(sa):
+                interleaved = True  # byte ranges intersect, bytes do not
+    event("rejected" if must_reject else
+          "accepted, interleaved views" if interleaved else "accepted")
+    sep = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    before_raw = _bits(raw)
+    before = {k: _bits(v) for k, v in kw.items()
+              if isinstance(v, torch.Tensor) and k not in in_raw}
+    if must_reject:
+        note(f"oracle: {must_reject[0]} shares bytes with {must_reject[1]}")
+        with pytest.raises(ValueError, match="overlaps"):
+            junction(**kw, backend=backend)
+        assert torch.equal(_bits(raw), before_raw), "a rejected call wrote the shared buffer"
+        for k, v in before.items():
+            assert torch.equal(_bits(kw[k]), v), f"a rejected call wrote {k}"
+        return
+    got = junction(**kw, backend=backend)
+    exp = junction(**sep, backend=backend)
+    results = {"scores": (got[0], exp[0]), "norms": (got[1], exp[1]), "out": (got[2], exp[2]),
+               "residual": (kw["residual"], sep["residual"]), "latch": (kw["latch"], sep["latch"])}
+    for k, (g_, e_) in results.items():
+        assert _identical(g_, e_), k
+    # the shared buffer: exactly the separate results in the written views, nothing else
+    expect = before_raw.view(torch.float32).clone()
+    for k in WRITTEN_ARGS & set(in_raw):
+        shape, stride = geometry[k]
+        base = expect.view(torch.int32) if k in ints else expect
+        base.as_strided(shape, stride, in_raw[k]).copy_(results[k][1])
+    assert _identical(raw, expect), "bytes outside the written views changed"
+    CASES[backend] += 1
 
 
 # --------------------------------------------------------------------------- the count

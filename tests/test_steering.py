@@ -3,6 +3,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from steerkernel.errors import SpecError, UnknownConceptError
 from steerkernel.steering import (Gate, Program, SlotTables, Steer, compile_program,
@@ -72,6 +74,85 @@ def test_steer_validation(kwargs):
         Steer("calm", **kwargs)
     with pytest.raises(SpecError):
         Gate("fear", float("nan"))
+
+
+# ------------------------------------------------------------------------------ string form
+@pytest.mark.parametrize("name,written", [
+    ("calm", "calm"), ("a-b+c", "a-b+c"), ("é", "é"),
+    ("joy, mild", '"joy, mild"'), ("fear; dread", '"fear; dread"'), ("a b", '"a b"'),
+    (" lead", '" lead"'), ('say "hi"', '"say \\"hi\\""'), ("back\\slash", '"back\\\\slash"'),
+    ("x=y<z>w@v:u?t!s", '"x=y<z>w@v:u?t!s"'), ("tab\tnl\n", '"tab\tnl\n"'), ('"', '"\\""'),
+])
+def test_concept_names_with_grammar_characters_are_quoted(name, written):
+    """Names a bank allows but the bare grammar cannot hold are written in double quotes
+    (``\\"`` and ``\\\\`` escaped) and parse back to the same name, gate concepts too."""
+    s = Steer(name, "add", 0.5, layers=(2,), gate=Gate(name, -1.0, latch=True))
+    text = format_steer(s)
+    assert text.startswith(written) and f"?{written}>" in text
+    assert parse_steer(text) == s
+    assert parse_program(f"{text}; {text}, {text}") == Program((s, s, s))
+
+
+def test_quoted_names_compile_against_a_bank():
+    bank = make_bank()
+    bank.names[1] = "fear, dread"
+    c = compile_program('"fear, dread"<=1.5@2; calm=+1@5?"fear, dread">0', bank)
+    assert float(c.tables["prompt"].hi[0, 1]) == 1.5
+    assert c.tables["prompt"].gate_concept.tolist() == [-1, 1, -1]
+    with pytest.raises(UnknownConceptError, match="fear"):
+        compile_program("fear<=1.5", bank)  # the bare prefix is another (unknown) name
+
+
+@pytest.mark.parametrize("bad", ['"calm=+1', '"calm"x=+1', '""=+1', 'calm=+1?"fear>0',
+                                 '"a\\"=+1', 'ca"lm=+1', '"a";b"=+1'])
+def test_bad_quoting_is_a_spec_error(bad):
+    with pytest.raises(SpecError):
+        parse_program(bad)
+
+
+def test_unterminated_quote_splits_in_linear_time():
+    import time
+
+    t = time.perf_counter()
+    with pytest.raises(SpecError):
+        parse_program('"\\"' * 20000 + "; calm=+1")
+    assert time.perf_counter() - t < 5.0
+
+
+def test_ablate_is_canonical():
+    """ablate ignores value and unit: they are stored as 0.0 abs, so equal steers compare
+    equal and round-trip."""
+    s = Steer("calm", "ablate", 3.0, "z")
+    assert (s.value, s.unit) == (0.0, "abs") and s == Steer("calm", "ablate")
+    assert parse_steer(format_steer(s)) == s
+
+
+NAME_TEXT = st.text(min_size=1, max_size=12)
+FINITE = st.floats(allow_nan=False, allow_infinity=False)
+
+
+@st.composite
+def steers(draw):
+    gate = None
+    if draw(st.booleans()):
+        gate = Gate(draw(NAME_TEXT), draw(FINITE), draw(st.booleans()),
+                    draw(st.sampled_from(["abs", "rel", "z"])), draw(st.booleans()))
+    layers = draw(st.none() | st.lists(st.integers(0, 99_999), min_size=1, max_size=5)
+                  .map(tuple))
+    return Steer(draw(NAME_TEXT), draw(st.sampled_from(["add", "ablate", "cap_above",
+                                                        "cap_below", "pin"])),
+                 draw(FINITE), draw(st.sampled_from([None, "abs", "rel", "z"])), layers,
+                 draw(st.sampled_from(["all", "prompt", "generated"])), gate)
+
+
+@settings(max_examples=300, deadline=None)
+@given(steer=steers(), more=st.lists(steers(), max_size=3))
+def test_format_parse_round_trip_property(steer, more):
+    """Every Steer (any name, any finite value, any layers < MAX_LAYER) survives
+    format_steer -> parse_steer exactly, and a Program survives str -> parse_program."""
+    assert parse_steer(format_steer(steer)) == steer
+    program = Program((steer, *more))
+    assert parse_program(str(program)) == program
 
 
 # ------------------------------------------------------------------------------ compilation

@@ -1,9 +1,9 @@
 """``steerkernel.ops.junction``: the public, validated entry to the fused junction op.
 
-Every argument is checked (shape, dtype, device, strides and, by default, values) before any
-backend runs, so bad input raises a ``ValueError``/``TypeError`` naming the problem and nothing
-is written.  Hot paths that have already validated their buffers call :func:`junction_op`
-(the raw torch op of a backend) directly.
+Every argument is checked (shape, dtype, device, strides, memory aliasing, autograd and, by
+default, values) before any backend runs, so bad input raises a ``ValueError``/``TypeError``
+naming the problem and nothing is written.  Hot paths that have already validated their
+buffers call :func:`junction_op` (the raw torch op of a backend) directly.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from .. import backends
 
@@ -106,6 +107,11 @@ def junction(
     Returns:
         ``(scores fp32 [T, K], norms fp32 [T], out [T, d] or None)`` (float64 scores and norms
         for a float64 residual).
+
+    Memory: no written tensor (``residual``, ``scores``, ``norms``, ``out``, ``latch``) may
+    overlap itself or share a byte with another argument, except ``x`` *being* the residual and
+    ``out`` *being* ``x`` (the same view); none may require grad (the op is inference-only).
+    A meta residual is refused outside torch.compile tracing.
     """
     args = prepare_junction(residual, V, x, slot, shift, lo, hi, gate_concept, gate_threshold,
                             gate_above, weight, eps, backend, latch=latch, scores=scores,
@@ -127,10 +133,18 @@ def prepare_junction(residual, V, x=None, slot=None, shift=None, lo=None, hi=Non
     """
     if not isinstance(residual, Tensor):
         _fail(f"residual must be a torch.Tensor, got {type(residual).__name__}", TypeError)
+    given_bufs = (shift, lo, hi, gate_above, scores, norms, out)
     device = residual.device
     _check_tensor("residual", residual, device, 2)
     T, d = residual.shape
     name = backends.resolve(device, backend)
+    # traced (torch.compile, or fake tensors under export / make_fx): no data to check
+    tracing = torch.compiler.is_compiling() or (type(residual) is not Tensor
+                                                and is_fake(residual))
+    if device.type == "meta" and not tracing:
+        _fail("residual is on the meta device: meta tensors carry no data, so the op cannot run "
+              "on them (they are only valid through torch.compile / fake-tensor tracing, which "
+              "uses the op's fake implementation); pass real CPU or CUDA tensors")
     allowed = MODEL_DTYPES + ((torch.float64,) if name == "reference" else ())
     if residual.dtype not in allowed:
         _fail(f"residual dtype {residual.dtype} is not supported by backend {name!r} "
@@ -200,7 +214,7 @@ def prepare_junction(residual, V, x=None, slot=None, shift=None, lo=None, hi=Non
             if gate_concept is None:
                 _fail("latch given without a gate (gate_concept)")
             _check_table("latch", latch, device, (P,), torch.int32)
-        if check_values and not torch.compiler.is_compiling():
+        if check_values and not tracing:
             if T and (int(slot.min()) < 0 or int(slot.max()) >= P):
                 _fail(f"slot values must lie in [0, {P}), got range "
                       f"[{int(slot.min())}, {int(slot.max())}]")
@@ -258,22 +272,144 @@ def prepare_junction(residual, V, x=None, slot=None, shift=None, lo=None, hi=Non
         if out.dtype != residual.dtype:
             _fail(f"out must be {residual.dtype}, got {out.dtype}", TypeError)
         _check_rows("out", out)
-    for oname, t in (("scores", scores), ("norms", norms), ("out", out)):
-        if (t is not None and T and t.numel() and not torch.compiler.is_compiling()
-                and _overlaps(t, residual)):
-            _fail(f"{oname} overlaps residual in memory")
+    if (residual.requires_grad or scores.requires_grad or norms.requires_grad
+            or (out is not None and out.requires_grad)):  # (latch is int32: never)
+        wname = next(n for n, t in (("residual", residual), ("scores", scores),
+                                    ("norms", norms), ("out", out))
+                     if t is not None and t.requires_grad)
+        _fail(f"{wname} requires grad, but the op writes it in place and has no autograd "
+              f"formula (inference only); pass {wname}.detach() or a tensor that does not "
+              "require grad")
+    if T and not tracing:
+        # only what the caller passed: the buffers allocated above are fresh
+        u_shift, u_lo, u_hi, u_above, u_scores, u_norms, u_out = given_bufs
+        if slot is None:
+            u_shift = u_lo = u_hi = u_above = None
+        _check_aliasing(T, d, (residual, u_out, u_scores, u_norms, latch, x, V, slot, weight,
+                               u_shift, u_lo, u_hi, gate_concept, gate_threshold, u_above))
 
     return (name, residual, V, x, slot, shift, lo, hi, gate_concept, gate_threshold,
             gate_above, latch, weight, float(eps), scores, norms, out)
 
 
-def _overlaps(a: Tensor, b: Tensor) -> bool:
-    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+#: Pairs of arguments that may be the *same* view (same address, shape and strides): ``x`` may
+#: be the residual (``residual += residual``) and ``out`` may be ``x`` (each row of ``x`` is read
+#: before that row of ``out`` is written, as in vLLM's in-place fused add + RMSNorm).  Any other
+#: sharing that involves a written tensor, and any partial overlap, is rejected.
+_SAME_VIEW_OK = (frozenset(("x", "residual")), frozenset(("out", "x")))
+
+
+def _blocks(t: Tensor):
+    """``(period, width)`` in bytes: ``t``'s elements lie in blocks of ``width`` bytes that
+    start every ``period`` bytes from its first element (``period`` None: one dense block).
+    ``t`` does not overlap itself (checked before)."""
+    dims = [(s, n) for n, s in zip(t.shape, t.stride()) if n > 1]
+    esz = t.element_size()
+    span = sum((n - 1) * s for s, n in dims) + 1
+    if span == t.numel():
+        return None, span * esz
+    s_out, n_out = max(dims)
+    return s_out * esz, (span - (n_out - 1) * s_out) * esz
+
+
+def _disjoint_blocks(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors whose byte ranges intersect share no byte, when their blocks repeat
+    with one period (e.g. column slices of one row-major buffer, or a dense tensor in the gap
+    between such slices): then the answer is exact (blocks disjoint modulo the period).  Views
+    that interleave with different periods are reported as overlapping (conservative)."""
+    (sa, wa), (sb, wb) = _blocks(a), _blocks(b)
+    S = sa or sb
+    if S is None or (sa and sb and sa != sb) or wa > S or wb > S:
         return False
-    a0, b0 = a.data_ptr(), b.data_ptr()
-    a1 = a0 + (sum((s - 1) * st for s, st in zip(a.shape, a.stride())) + 1) * a.element_size()
-    b1 = b0 + (sum((s - 1) * st for s, st in zip(b.shape, b.stride())) + 1) * b.element_size()
-    return a0 < b1 and b0 < a1
+    gap = (b.data_ptr() - a.data_ptr()) % S
+    return gap >= wa and S - gap >= wb
+
+
+def _same_view(a: Tensor, b: Tensor) -> bool:
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            and a.dtype == b.dtype)
+
+
+#: argument order of :func:`_check_aliasing`'s tensors; the first five are written
+_ALIAS_NAMES = ("residual", "out", "scores", "norms", "latch", "x", "V", "slot", "weight",
+                "shift", "lo", "hi", "gate_concept", "gate_threshold", "gate_above")
+_WRITTEN = 5
+
+
+def _check_aliasing(T: int, d: int, ts) -> None:
+    """Reject every memory sharing that makes the op ill-defined, before anything is written.
+
+    ``ts``: the caller-provided tensors (None where absent or allocated by
+    :func:`prepare_junction`, whose buffers are fresh) in the order of :data:`_ALIAS_NAMES`.
+    Pure address arithmetic on byte ranges (no storage objects, no device sync; a few µs):
+    ``scores`` and ``norms`` must not overlap themselves, and no written tensor (``residual``,
+    ``out``, ``scores``, ``norms``, ``latch``) may share a byte with any other argument, except
+    the identical views of :data:`_SAME_VIEW_OK`.  Ranges that intersect only because two views
+    interleave in one buffer (e.g. ``scores = buf[:, :K]`` and ``norms = buf[:, K]``) are
+    accepted.  Layout checks ran before: ``residual``, ``x`` and ``out`` have unit inner stride
+    and non-overlapping rows; ``latch``, ``V`` and the other inputs are contiguous.
+    """
+    residual, out, scores, norms = ts[0], ts[1], ts[2], ts[3]
+    esz = residual.element_size()
+    p = residual.data_ptr()
+    spans = [(p, p + ((T - 1) * residual.stride()[0] + d) * esz, 0)]
+    if out is not None:
+        p = out.data_ptr()
+        spans.append((p, p + ((T - 1) * out.stride()[0] + d) * esz, 1))
+    if scores is not None:
+        (n0, n1), (s0, s1) = scores.shape, scores.stride()
+        if (n0 > 1 and s0 == 0) or (n1 > 1 and s1 == 0) or (
+                n0 > 1 and n1 > 1 and (s0 < (n1 - 1) * s1 + 1 if s0 >= s1
+                                       else s1 < (n0 - 1) * s0 + 1)):
+            _fail(f"scores overlaps itself in memory (shape {(n0, n1)}, strides {(s0, s1)}, "
+                  "e.g. an expanded view): each score needs its own element")
+        p = scores.data_ptr()
+        spans.append((p, p + ((n0 - 1) * s0 + (n1 - 1) * s1 + 1) * scores.element_size(), 2))
+    if norms is not None:
+        st = norms.stride()[0]
+        if T > 1 and st == 0:
+            _fail("norms overlaps itself in memory (stride 0, e.g. an expanded view): each "
+                  "row's norm needs its own element")
+        p = norms.data_ptr()
+        spans.append((p, p + ((T - 1) * st + 1) * norms.element_size(), 3))
+    x = ts[5]
+    if x is not None:
+        p = x.data_ptr()
+        spans.append((p, p + ((T - 1) * x.stride()[0] + d) * esz, 5))
+    for i in (4, 6, 7, 8, 9, 10, 11, 12, 13, 14):  # contiguous (checked): the span is nbytes
+        t = ts[i]
+        if t is not None:
+            p = t.data_ptr()
+            spans.append((p, p + t.nbytes, i))
+    spans.sort()
+    reach = 0
+    for start, end, _ in spans:
+        if start < reach:
+            break  # some ranges intersect: look closer
+        if end > reach:
+            reach = end
+    else:
+        return
+    for n, (_, end, ia) in enumerate(spans):
+        for start, _, ib in spans[n + 1:]:
+            if start >= end:
+                break  # sorted by start: every later span begins even later
+            aw, bw = ia < _WRITTEN, ib < _WRITTEN
+            if not (aw or bw):
+                continue  # two inputs may share memory: both are only read
+            a, b, an, bn = ts[ia], ts[ib], _ALIAS_NAMES[ia], _ALIAS_NAMES[ib]
+            if frozenset((an, bn)) in _SAME_VIEW_OK and _same_view(a, b):
+                continue
+            if _disjoint_blocks(a, b):
+                continue
+            # the written one first; of two written ones, in _ALIAS_NAMES order, residual last
+            if aw and bw:
+                ia, ib = sorted((ia, ib), key=lambda i: (i == 0, i))
+            elif bw:
+                ia, ib = ib, ia
+            w, r = _ALIAS_NAMES[ia], _ALIAS_NAMES[ib]
+            why = "both are written" if aw and bw else f"{w} is written while {r} is read"
+            _fail(f"{w} overlaps {r} in memory ({why}); pass separate buffers")
 
 
 def junction_op(backend: Optional[str] = None, device: torch.device = torch.device("cpu")):

@@ -52,7 +52,24 @@ def _fake(
     gate_above: Optional[Tensor], latch: Optional[Tensor], weight: Optional[Tensor],
     eps: float, scores: Tensor, norms: Tensor, out: Optional[Tensor],
 ) -> None:
-    """Fake (meta) implementation: the ops only write into buffers they were given."""
+    """Fake (meta) implementation: the ops only write into buffers they were given.
+
+    It also runs as the ops' Meta kernel, which the dispatcher picks whenever *any* argument is
+    a meta tensor, so a raw call mixing a meta tensor with CPU / CUDA tensors lands here: that
+    is refused (as the real kernels refuse mixed devices) instead of silently doing nothing.
+    All-meta calls and fake tensors on one device (torch.compile tracing) pass.
+    """
+    device = residual.device
+    for name, t in (("V", V), ("x", x), ("slot", slot), ("shift", shift), ("lo", lo),
+                    ("hi", hi), ("gate_concept", gate_concept),
+                    ("gate_threshold", gate_threshold), ("gate_above", gate_above),
+                    ("latch", latch), ("weight", weight), ("scores", scores), ("norms", norms),
+                    ("out", out)):
+        if t is not None and t.device != device:
+            raise RuntimeError(
+                f"steerkernel.junction: {name} is on {t.device} but residual is on {device}; "
+                "all tensors must be on one device (meta tensors only in all-meta calls or "
+                "fake-tensor tracing)")
     return None
 
 
