@@ -5,7 +5,7 @@ Start with :func:`steerkernel.ops.junction` (the op) or ``steerkernel doctor`` (
 """
 from . import backends, ops
 from .integrations import attach
-from .concepts import ConceptBank
+from .concepts import ConceptBank, default_bank
 from .models import default_model_dir, load_model
 from .ops import junction
 

@@ -149,6 +149,18 @@ def test_steered_logits_match_plain_hooks(llama, bank, path, program):
     assert tr[1].shape[0] == 4
 
 
+def test_inference_mode_matches_no_grad(llama, bank):
+    """Under torch.inference_mode (no version counters) the fused path still runs, steered, and
+    gives the no_grad result (the next-norm hand-over is skipped there, not trusted blindly)."""
+    ids, mask = batch()
+    with steerkernel.attach(llama, bank, path="fused", program="c0=+0.5; c2=-1") as h:
+        expect = forward(llama, ids, mask)
+        with torch.inference_mode():
+            got = llama(ids, attention_mask=mask, position_ids=position_ids(mask)).logits
+        assert h.path == "fused"
+    torch.testing.assert_close(got, expect, **TOL)
+
+
 def test_ablation_zeroes_the_projection_at_steered_layers(llama, bank):
     ids, _ = batch(pad=(0, 0))
     _, layers = find_decoder_layers(llama, 3)

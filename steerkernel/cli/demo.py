@@ -1,53 +1,70 @@
-"""``steerkernel demo``: a first look at the fused junction op on this machine."""
+"""``steerkernel demo``: the first-run demo (see :mod:`steerkernel.demo`).
+
+With no arguments: the embedded SmolLM2-135M-Instruct, its cached emotion bank (built on first
+use), every built-in scenario unsteered and steered (more calm, less desperate), per-token
+traces, PNG plots and a side-by-side of what steering changed, in ./steerkernel-demo.
+``--op-only`` runs the junction op alone on random data (no model).
+"""
 from __future__ import annotations
 
-import time
+from ._common import finite_float, positive_int
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--backend", default=None, help="force a backend (default: automatic)")
+    p.add_argument("--out", default="steerkernel-demo",
+                   help="output directory for the plots and summary.json (default %(default)s)")
+    p.add_argument("--quick", action="store_true",
+                   help="one scenario (deadline_agent), 12 new tokens: a fast first look")
+    p.add_argument("--scenario", action="append", default=None, metavar="NAME",
+                   help="run only this built-in scenario (repeatable)")
+    p.add_argument("--steer", action="append", default=[], metavar="PROGRAM",
+                   help="steering program of the steered run (repeatable; default "
+                        "'calm=+0.02@8-21; desperate=-0.02@8-21' on a 30-layer model)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=None,
+                   help="tokens per generation (default 48, 12 with --quick)")
+    p.add_argument("--repetition-penalty", type=finite_float, default=1.3,
+                   help="repetition penalty of the greedy decoding (default %(default)s)")
+    p.add_argument("--model", default=None,
+                   help="local HF checkpoint directory or .gguf file (default: the embedded "
+                        "SmolLM2-135M-Instruct)")
+    p.add_argument("--bank", default=None,
+                   help="concept bank file (default: the cached built-in emotion bank)")
+    p.add_argument("--layer", type=int, default=None,
+                   help="layer shown in traces and tables (default: the bank's default layer)")
+    p.add_argument("--backend", default=None, choices=["reference", "cpu", "triton", "cuda"],
+                   help="junction backend (default: automatic)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--no-progress", action="store_true", help="no progress output on stderr")
+    p.add_argument("--op-only", action="store_true",
+                   help="only the junction op on random data (no model, a few ms)")
 
 
 def run(args) -> int:
-    import torch
+    import os
 
-    from ..ops import junction
-    from .. import backends
+    if args.op_only:
+        from ..demo import op_demo
 
-    torch.manual_seed(0)
-    T, d, K = 4, 576, 3
-    names = ["calm", "desperate", "afraid"]
-    residual, x = torch.randn(T, d), torch.randn(T, d)
-    V = torch.nn.functional.normalize(torch.randn(K, d), dim=1)
-    # slot 1: add 2.0 along "calm"; slot 2: ablate "desperate"; slot 3: cap "afraid" at 0.5
-    shift, lo, hi = torch.zeros(4, K), torch.full((4, K), -torch.inf), torch.full((4, K), torch.inf)
-    shift[1, 0] = 2.0
-    lo[2, 1] = hi[2, 1] = 0.0
-    hi[3, 2] = 0.5
-    slot = torch.tensor([0, 1, 2, 3], dtype=torch.int32)
-    name = backends.resolve(residual.device, args.backend)
-    before = (residual + x) @ V.T
-    scores, norms, out = junction(residual, V, x, slot, shift, lo, hi,
-                                  weight=torch.ones(d), backend=args.backend)
-    after = residual @ V.T
-    print(f"junction op on backend {name!r}: T={T} tokens, d={d}, K={K} concepts")
-    print(f"{'token':<6}{'slot':<26}" + "".join(f"{n + ' before->after':>26}" for n in names))
-    labels = ["0 (monitor only)", "1 (add 2.0 calm)", "2 (ablate desperate)",
-              "3 (cap afraid at 0.5)"]
-    for t in range(T):
-        cells = "".join(f"{float(before[t, k]):>12.3f} -> {float(after[t, k]):<10.3f}"
-                        for k in range(K))
-        print(f"{t:<6}{labels[t]:<26}{cells}")
-    # a quick timing at a prefill-like size
-    T2 = 512
-    r2, x2 = torch.randn(T2, d), torch.randn(T2, d)
-    s2 = torch.randint(0, 4, (T2,), dtype=torch.int32)
-    junction(r2, V, x2, s2, shift, lo, hi, weight=torch.ones(d), backend=args.backend)
-    t0 = time.perf_counter()
-    n = 20
-    for _ in range(n):
-        junction(r2, V, x2, s2, shift, lo, hi, weight=torch.ones(d), backend=args.backend)
-    dt = (time.perf_counter() - t0) / n
-    print(f"\n{T2} tokens x d={d} x K={K}, fused add+project+steer+RMSNorm: "
-          f"{dt * 1e6:.0f} us per call ({T2 / dt / 1e6:.2f} M tokens/s) on this CPU")
+        return op_demo(args.backend)
+    from ._common import check_args
+
+    check_args(args)  # steering grammar, --bank / --model paths: before any loading
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out: {args.out!r} exists and is not a directory")
+    if args.scenario:
+        from ..demo import load_scenarios
+
+        known = [s["name"] for s in load_scenarios()]
+        bad = [s for s in args.scenario if s not in known]
+        if bad:
+            raise ValueError(f"--scenario: unknown {', '.join(map(repr, bad))} (built-in: "
+                             f"{', '.join(known)})")
+    from ..demo import run_demo
+
+    program = "; ".join(s.strip() for s in args.steer) if args.steer else None
+    run_demo(args.out, model_name=args.model, bank_path=args.bank,
+             quick=args.quick, scenarios=args.scenario, program=program,
+             max_new_tokens=args.max_new_tokens, layer=args.layer,
+             repetition_penalty=args.repetition_penalty, plots=not args.no_plots,
+             progress=not args.no_progress, backend=args.backend)
     return 0

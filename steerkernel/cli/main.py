@@ -25,12 +25,19 @@ COMMANDS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr (``steerkernel <cmd>: error: ...``), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def _module(name: str):
     return importlib.import_module(f"steerkernel.cli.{name}")
 
 
 def build_parser(argv: List[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="steerkernel",
         description="Monitor and steer LLMs along concept directions in the residual stream.")
     from .. import __version__

@@ -1,6 +1,7 @@
 """Concept banks: extraction, files, analysis and interop (see ``docs/concepts.md``)."""
 from .bank import ConceptBank, model_fingerprint
 from .corpus import Corpus, CorpusError, load_corpus
+from .default import default_bank
 
 __all__ = ["ConceptBank", "Corpus", "CorpusError", "load_corpus", "model_fingerprint",
            "extract_bank", "score_texts", "calibrate"]

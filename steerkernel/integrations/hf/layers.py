@@ -217,7 +217,9 @@ def make_fused_forward(layer: nn.Module, fam: Family, junctions: Junctions, inde
         if mlp_drop is not None:
             m = mlp_drop(m)
         h2 = _rows(m, d)
-        hand = hand_over and not torch.compiler.is_compiling()
+        # Inference tensors keep no version counter, so an in-place edit of the output by a
+        # user hook could not be detected: no hand-over there (the next layer recomputes).
+        hand = hand_over and not torch.compiler.is_compiling() and not h2.is_inference()
         # h2 = h1 + m, readout, steering, in place (+ the next layer's input norm)
         normed_next = junctions.end(index, h2, h1, next_weight if hand else None, next_eps)
         out = h2.view(shape)

@@ -1,0 +1,248 @@
+"""Options and helpers shared by ``steerkernel monitor``, ``generate`` and ``demo``.
+
+Everything a user can get wrong is checked by :func:`check_args` before the model loads, so a
+bad argument costs no time and gives one line on stderr (``steerkernel <cmd>: error: ...``,
+exit 2, printed by :func:`steerkernel.cli.main.main`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from typing import List, Optional
+
+MODEL_HELP = ("local HF checkpoint directory or .gguf file (default: the embedded "
+              "SmolLM2-135M-Instruct)")
+BANK_HELP = ("concept bank file (.safetensors / .gguf); default: the built-in emotion bank of "
+             "the model, extracted on first use and cached next to the model")
+
+
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return v
+
+
+def finite_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return v
+
+
+def add_model_options(p) -> None:
+    g = p.add_argument_group("model and bank")
+    g.add_argument("--model", default=None, help=MODEL_HELP)
+    g.add_argument("--bank", default=None, help=BANK_HELP)
+    g.add_argument("--layer", type=nonneg_int, default=None,
+                   help="decoder layer whose scores are shown and alarmed on (default: the "
+                        "bank's default layer)")
+    g.add_argument("--backend", default=None,
+                   choices=["reference", "cpu", "triton", "cuda"],
+                   help="junction backend (default: automatic)")
+    g.add_argument("--no-progress", action="store_true",
+                   help="no progress bar while building the default bank")
+
+
+def add_prompt_options(p) -> None:
+    g = p.add_argument_group("prompt")
+    g.add_argument("prompt", nargs="?", default=None,
+                   help="the user message ('-' reads stdin); or use --scenario")
+    g.add_argument("--scenario", default=None,
+                   help="use a built-in scenario's messages instead (e.g. deadline_agent; "
+                        "'list' lists them)")
+    g.add_argument("--system", default=None, help="system message (chat models)")
+    g.add_argument("--raw", action="store_true",
+                   help="feed the prompt as plain text, without the chat template")
+
+
+def add_generation_options(p, max_new_tokens: int = 64) -> None:
+    g = p.add_argument_group("generation and steering")
+    g.add_argument("--steer", action="append", default=[], metavar="PROGRAM",
+                   help="steering entry, repeatable, e.g. 'calm=+0.05', 'desperate<=0z@8-21', "
+                        "'refusal=ablate' (grammar: python -c 'import steerkernel.steering as s;"
+                        " help(s)')")
+    g.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens,
+                   help="most tokens to generate (default %(default)s)")
+    g.add_argument("--greedy", action="store_true", help="greedy decoding (= --temperature 0)")
+    g.add_argument("--temperature", type=finite_float, default=0.7,
+                   help="sampling temperature, 0 = greedy (default %(default)s)")
+    g.add_argument("--top-k", type=nonneg_int, default=40,
+                   help="sample among the k most likely tokens, 0 = all (default %(default)s)")
+    g.add_argument("--repetition-penalty", type=finite_float, default=1.0,
+                   help="CTRL-style repetition penalty, 1 = none (default %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default %(default)s)")
+
+
+def add_monitor_options(p, top: int = 3) -> None:
+    g = p.add_argument_group("monitoring and output")
+    g.add_argument("--top", type=positive_int, default=top,
+                   help="concepts shown per token (default %(default)s)")
+    g.add_argument("--alarm", action="append", default=[], metavar="RULE",
+                   help="alarm rule, repeatable, e.g. 'desperate z > 2 for 8' or "
+                        "'calm z < -1.5 for 4 release -0.5'")
+    g.add_argument("--jsonl-log", default=None, metavar="PATH",
+                   help="append alarms and a per-generation summary to this JSONL file")
+    g.add_argument("--json", action="store_true",
+                   help="machine-readable output: one JSON object per generated token, then "
+                        "one summary object")
+
+
+# ------------------------------------------------------------------------------ validation
+def check_args(args) -> dict:
+    """Validate everything that does not need the model; returns parsed pieces:
+    ``program`` (str or None), ``rules`` (AlarmRule list)."""
+    from ..monitor import AlarmRule
+    from ..steering import parse_program
+
+    out = {"program": None, "rules": []}
+    if getattr(args, "greedy", False):
+        args.temperature = 0.0
+    if getattr(args, "temperature", 0.0) < 0:
+        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    if getattr(args, "repetition_penalty", 1.0) <= 0:
+        raise ValueError(f"--repetition-penalty must be > 0, got {args.repetition_penalty}")
+    steers = [s for s in getattr(args, "steer", []) or []]
+    for s in steers:
+        if not s.strip():
+            raise ValueError("--steer: empty steering entry")
+        parse_program(s)  # SpecError names the bad entry
+    if steers:
+        out["program"] = "; ".join(s.strip() for s in steers)
+    for r in getattr(args, "alarm", []) or []:
+        out["rules"].append(AlarmRule.parse(r))
+    if getattr(args, "bank", None) is not None:
+        if not os.path.exists(args.bank):
+            raise FileNotFoundError(f"--bank: {args.bank!r} does not exist")
+        if os.path.isdir(args.bank):
+            raise IsADirectoryError(f"--bank: {args.bank!r} is a directory, not a bank file")
+    model = getattr(args, "model", None)
+    if model not in (None, "default", "SmolLM2-135M-Instruct") and not (
+            os.path.isdir(model) or (os.path.isfile(model) and model.endswith(".gguf"))):
+        raise FileNotFoundError(
+            f"--model: {model!r} is not a local checkpoint directory or .gguf file (steerkernel "
+            "never downloads; omit --model for the embedded default)")
+    log = getattr(args, "jsonl_log", None)
+    if log is not None:
+        folder = os.path.dirname(os.path.abspath(log))
+        if os.path.isdir(log):
+            raise IsADirectoryError(f"--jsonl-log: {log!r} is a directory")
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"--jsonl-log: directory {folder!r} does not exist")
+    return out
+
+
+def read_prompt(args) -> object:
+    """The prompt: a user message string, or a scenario's message list."""
+    if getattr(args, "scenario", None) is not None:
+        from ..demo import load_scenarios
+
+        scen = load_scenarios()
+        if args.scenario == "list":
+            raise ValueError("scenarios: " + ", ".join(s["name"] for s in scen))
+        match = [s for s in scen if s["name"] == args.scenario]
+        if not match:
+            raise ValueError(f"--scenario: unknown scenario {args.scenario!r} (built-in: "
+                             f"{', '.join(s['name'] for s in scen)})")
+        if args.prompt is not None:
+            raise ValueError("give either a prompt or --scenario, not both")
+        return match[0]["messages"]
+    if args.prompt is None:
+        raise ValueError("no prompt: pass the user message as an argument, '-' for stdin, or "
+                         "--scenario NAME")
+    text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not text.strip():
+        raise ValueError("the prompt is empty")
+    return text
+
+
+# ------------------------------------------------------------------------------ loading
+def load_model_and_bank(args):
+    """``(model, tokenizer, bank)`` from ``--model`` / ``--bank`` (the default bank of the model
+    when ``--bank`` is not given); the bank is checked against the model."""
+    from ..concepts import ConceptBank
+    from ..concepts.default import default_bank
+    from ..live import load_model_quietly
+
+    model, tok = load_model_quietly(args.model)
+    if args.bank is not None:
+        bank = ConceptBank.load(args.bank)
+        bank.check_fits(model)
+    else:
+        bank = default_bank(model, tok, progress=not getattr(args, "no_progress", False))
+    if getattr(args, "layer", None) is not None:
+        bank.layer_index(args.layer)  # BankMismatchError lists the bank's layers
+    return model, tok, bank
+
+
+def prompt_ids(tok, prompt, args) -> List[int]:
+    from ..live import chat_ids
+
+    return chat_ids(tok, prompt, system=getattr(args, "system", None),
+                    chat=False if getattr(args, "raw", False) else None)
+
+
+def compile_check(program: Optional[str], bank) -> None:
+    """Resolve the program against the bank now (unknown concepts, bad layers)."""
+    if program is not None:
+        from ..steering import compile_program
+
+        compile_program(program, bank)
+
+
+def num(x: float) -> Optional[float]:
+    x = float(x)
+    return round(x, 4) if math.isfinite(x) else None
+
+
+def token_json(rec, names: List[str], li: int, top: int, layer: int) -> str:
+    from ..live import top_concepts
+
+    z = rec.z[li]
+    return json.dumps({"event": "token", "row": rec.row, "index": rec.index,
+                       "token_id": rec.token_id, "text": rec.text, "layer": layer,
+                       "top": [[n, num(v)] for n, v in top_concepts(z, names, top)],
+                       "z": {n: num(z[k]) for k, n in enumerate(names)},
+                       "score": {n: num(rec.scores[li, k]) for k, n in enumerate(names)}},
+                      ensure_ascii=False)
+
+
+def summary_dict(g, names: List[str], li: int, layer: int, top: int) -> dict:
+    from ..live import top_concepts
+
+    n_p = len(g.prompt_ids)
+    mean_z = g.z[:, li].mean(0) if len(g.token_ids) else None
+    return {"event": "summary", "row": g.row, "program": g.program, "text": g.text,
+            "tokens": len(g.token_ids), "finished": g.finished, "layer": layer,
+            "mean_z": None if mean_z is None else {n: num(mean_z[k]) for k, n in
+                                                   enumerate(names)},
+            "top_mean": None if mean_z is None else
+            [[n, num(v)] for n, v in top_concepts(mean_z, names, top)],
+            "alarms": [dict(a.to_dict(), generated_index=a.token - n_p) for a in g.alarms]}
+
+
+def show(text: str, width: int) -> str:
+    """A token's text for a table cell: escapes visible, fixed width."""
+    s = text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
+    if len(s) > width:
+        s = s[:width - 1] + "…"
+    return s.ljust(width)
