@@ -7,6 +7,7 @@ Environment:
                                kernel already dispatches between AVX-512, AVX2 and baseline).
 """
 import os
+import sys
 
 from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension
@@ -33,12 +34,16 @@ def want_cuda() -> bool:
 cxx_flags = ["-O3", "-std=c++17", "-fno-math-errno"]
 if os.environ.get("STEERKERNEL_CPU_NATIVE") == "1":
     cxx_flags.append("-march=native")
+# at::parallel_for is a header template: it only runs threads when the including file is
+# compiled with OpenMP (torch's own build uses it; the process keeps torch's one libgomp).
+omp_flags = ["-fopenmp"] if sys.platform.startswith("linux") else []
 
 ext_modules = [
     CppExtension(
         "steerkernel._C",
         [f"{CSRC}/ops.cpp", f"{CSRC}/checks.cpp", f"{CSRC}/junction_cpu.cpp"],
-        extra_compile_args={"cxx": cxx_flags},
+        extra_compile_args={"cxx": cxx_flags + omp_flags},
+        extra_link_args=omp_flags,
     )
 ]
 if want_cuda():
@@ -73,6 +78,9 @@ setup(
     },
     entry_points={
         "console_scripts": ["steerkernel=steerkernel.cli.main:main"],
+        # vLLM loads this in each of its processes; it stays dormant unless an engine is
+        # started with additional_config={"steerkernel": {...}} (docs/vllm.md)
+        "vllm.general_plugins": ["steerkernel = steerkernel.integrations.vllm:register"],
     },
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

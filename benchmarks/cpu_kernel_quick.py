@@ -1,157 +1,173 @@
 """Quick CPU timing: the fused junction kernel vs the unfused eager-torch chain it replaces.
 
-For each (dtype, d, T, K) and each mode it prints the median time of
+A developer tool for tuning csrc/junction_cpu*.  It uses the benchmark runner's inputs
+(``steerkernel.bench.cases.input_sets``: ablate / cap / pin interventions on every token, V in
+fp32, ``x`` scaled by 1e-3) and its eager chain (``make_chain``: add, fp32 matmul, clamp, add,
+rmsnorm), the runner's allocator settings (re-exec with ``runner.ALLOC_ENV`` unless
+``--system-allocator``) and rotates over enough input copies to move twice the L3 per rotation
+(a separate pool of copies per implementation).
+For each (dtype, d, T, K, mode) it prints the median (and min) µs per call of
 
-* torch: the unfused chain in eager torch, same dtype, V in that dtype::
+* chain:  ``chain_eager`` (fresh outputs, as a forward hook computes it);
+* mm:     torch's matmuls alone on the same shapes (``h @ V.T``, plus ``dq @ V`` when steering;
+          fp32, preallocated outputs): the part of the chain a fused kernel cannot avoid doing,
+          i.e. the compute-bound bar;
+* fused:  ``torch.ops.steerkernel.junction`` (the raw op, preallocated outputs);
 
-      h = residual + x; p = h @ V.T                      # monitor
-      q = clamp(p + shift[slot], lo[slot], hi[slot]); h = h + (q - p) @ V   # steer only
-      out = rmsnorm(h) * w
+the speedup chain / fused (ratio of medians and of mins), and GFLOP/s of the fused kernel and
+of the matmuls (2·T·K·d per matmul; fused counts the same matmul FLOPs, nothing else).  All
+three run interleaved call by call in one process with ``torch.set_num_threads(threads)``;
+mins show the uncontended cost on a shared machine.  ``--cpu-time`` (one thread only) times by
+the thread's CPU time, which drops the time the thread sat descheduled behind other jobs.
 
-  rmsnorm is timed both as ``F.rms_norm`` and as the HF/Llama recipe (upcast to fp32,
-  ``x * rsqrt(mean(x^2) + eps)``, downcast, times w); the faster of the two is the baseline.
-* fused: ``torch.ops.steerkernel.junction`` (the raw op, preallocated outputs).
+The fused op splits rows over threads with ``at::parallel_for``, a header template that runs
+serially unless the extension is compiled with ``-fopenmp``; with more than one thread, check
+that the build has it before comparing (``nm -D steerkernel/_C*.so | grep GOMP``).
 
-Modes: ``steer`` = every row in an active slot, every concept shifted (dense worst case for
-the update); ``steer1`` = every row steered along one concept (the common case, fused only;
-the torch chain costs the same as ``steer``); ``monitor`` = no slot (readout + add + norm).
-
-GB/s is the fused kernel's bytes moved once over its time: read residual, x and V, write
-residual, out, scores and norms.  Both sides run interleaved call by call in the same process
-with ``torch.set_num_threads(threads)``; medians (and mins, which show the uncontended cost on a
-shared machine) over the rounds.
-
-    python benchmarks/cpu_kernel_quick.py [--dtypes float32,bfloat16] [--threads 2]
+    python benchmarks/cpu_kernel_quick.py [--dtypes fp32,bf16] [--ds 576,4096] [--Ts 64,2048]
+        [--Ks 16,171] [--modes steer_norm,monitor_norm] [--threads 1] [--cpu-time]
+        [--budget 1.0]
 """
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 import statistics
+import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 import steerkernel  # noqa: F401  (registers torch.ops.steerkernel.junction)
 import steerkernel._C as _C
+from steerkernel.bench import cases as bc
+from steerkernel.bench import runner as br
+
+L3_BYTES = 32 << 20
 
 
-def torch_chain(residual, x, V, slot, shift, lo, hi, w, eps, steer, hf_norm):
-    h = residual + x
-    p = h @ V.T
-    if steer:
-        q = torch.clamp(p + shift[slot], lo[slot], hi[slot])
-        h = h + (q - p).to(h.dtype) @ V
-    if hf_norm:
-        hf = h.float()
-        hf = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
-        out = w * hf.to(h.dtype)
-    else:
-        out = F.rms_norm(h, (h.shape[-1],), w, eps)
-    return p, out
-
-
-def sample_interleaved(fns, budget_s, min_reps=7, max_reps=2000):
-    """Time each of ``fns`` once per round, rounds until ``budget_s``; per-fn sample lists."""
-    for fn in fns:  # warm-up
+def sample_interleaved(fns, budget_s, min_reps=5, max_reps=5000, min_sample_s=2e-4,
+                       clock=time.perf_counter):
+    """Time each of ``fns`` once per round (``inner`` back-to-back calls for short ones), rounds
+    until ``budget_s``; per-fn lists of seconds per call (by ``clock``)."""
+    inner = []
+    for fn in fns:  # warm-up and per-call estimate
+        t0 = time.perf_counter()
         fn()
+        fn()
+        est = (time.perf_counter() - t0) / 2
+        inner.append(max(1, math.ceil(min_sample_s / max(est, 1e-9))))
     samples = [[] for _ in fns]
     t_end = time.perf_counter() + budget_s
     while len(samples[0]) < min_reps or (time.perf_counter() < t_end
                                          and len(samples[0]) < max_reps):
-        for fn, out in zip(fns, samples):
-            t0 = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t0)
+        for fn, n, out in zip(fns, inner, samples):
+            t0 = clock()
+            for _ in range(n):
+                fn()
+            out.append((clock() - t0) / n)
     return samples
 
 
-def bench_shape(dtype, d, T, K, P=5, eps=1e-6, budget_s=0.4):
-    g = torch.Generator().manual_seed(0)
-    residual0 = torch.randn(T, d, generator=g).to(dtype)
-    x = torch.randn(T, d, generator=g).to(dtype)
-    V = F.normalize(torch.randn(K, d, generator=g), dim=1).to(dtype)
-    w = (torch.rand(d, generator=g) + 0.5).to(dtype)
-    slot = torch.randint(1, P, (T,), generator=g, dtype=torch.int32)
-    shift = torch.randn(P, K, generator=g) * 0.1            # dense: every concept moves
-    lo = torch.full((P, K), -math.inf)
-    hi = torch.full((P, K), math.inf)
-    shift1 = torch.zeros(P, K)
-    shift1[:, 0] = 0.5                                       # one concept moves
-    scores = torch.empty(T, K)
-    norms = torch.empty(T)
-    out = torch.empty(T, d, dtype=dtype)
+def rotating(fn, sets):
+    state = [0]
+
+    def run():
+        i = state[0]
+        state[0] = (i + 1) % len(sets)
+        return fn(sets[i])
+    return run
+
+
+def bench_case(case: bc.JunctionCase, budget_s: float, clock=time.perf_counter):
+    steer = case.steer
+    work = bc.case_work(case).bytes
+    nsets = bc.num_sets(work, L3_BYTES, max_sets=64, mem_cap=1 << 30)
+    T, d, K = case.T, case.d, case.K
+    # one pool of input copies per implementation: interleaved calls never find data that
+    # another implementation has just pulled into the cache
+    pools = [bc.input_sets(case, "cpu", nsets) for _ in range(3)]
+    for s in (s for pool in pools for s in pool):
+        s["scores"] = torch.empty(T, K)
+        s["norms"] = torch.empty(T)
+        s["out"] = torch.empty_like(s["residual"]) if case.norm else None
+        s["hf"] = s["residual"].float()
+        s["p"] = torch.empty(T, K)
+        s["dq"] = torch.randn(T, K) * 0.1
+        s["upd"] = torch.empty(T, d)
     op = torch.ops.steerkernel.junction.default
-    slot_l = slot.long()
-    # the kernel updates residual in place; re-copying would dominate small shapes, and the
-    # values drift only by repeated residual += x (+ a small shift), harmless for timing
-    res_f = residual0.clone()
-    res_t = residual0.clone()
 
-    def fused(sl, sh):
-        def run():
-            op(res_f, V, x, sl, sh if sl is not None else None, lo if sl is not None else None,
-               hi if sl is not None else None, None, None, None, None, w, eps, scores, norms, out)
-        return run
+    def fused(s):
+        op(s["residual"], s["V"], s["x"], s.get("slot"), s.get("shift"), s.get("lo"),
+           s.get("hi"), None, None, None, None, s.get("weight"), bc.EPS, s["scores"],
+           s["norms"], s["out"])
 
-    def chain(steer, hf):
-        return lambda: torch_chain(res_t, x, V, slot_l, shift, lo, hi, w, eps, steer, hf)
+    chain_fn = bc.make_chain(steer, case.norm)
 
-    # bytes moved once by the fused kernel
-    es = residual0.element_size()
-    nbytes = (3 * T * d * es + V.numel() * V.element_size() + T * d * es + T * K * 4 + T * 4)
-    rows = []
-    for mode in ("steer", "steer1", "monitor"):
-        steer = mode != "monitor"
-        fns = [fused(slot if steer else None, shift1 if mode == "steer1" else shift)]
-        if mode != "steer1":  # the torch chain does not depend on the table contents
-            fns += [chain(steer, False), chain(steer, True)]
-        samples = sample_interleaved(fns, budget_s)
-        t_fused, m_fused = statistics.median(samples[0]), min(samples[0])
-        if len(samples) > 1:  # the faster rmsnorm variant is the baseline
-            meds = [statistics.median(x) for x in samples[1:]]
-            best = samples[1 + meds.index(min(meds))]
-            t_torch, m_torch = statistics.median(best), min(best)
-        else:
-            t_torch = m_torch = math.nan
-        rows.append((mode, t_torch, t_fused, m_torch, m_fused, nbytes / t_fused / 1e9))
-    return rows
+    def chain(s):
+        return chain_fn(s["residual"], s["x"], s["V"], s.get("slot"), s.get("shift"),
+                        s.get("lo"), s.get("hi"), s.get("weight"))
+
+    def mm(s):
+        torch.mm(s["hf"], s["V"].T, out=s["p"])
+        if steer:
+            torch.mm(s["dq"], s["V"], out=s["upd"])
+
+    fns = [rotating(f, pool) for f, pool in zip((fused, chain, mm), pools)]
+    samples = sample_interleaved(fns, budget_s, clock=clock)
+    med = [statistics.median(x) for x in samples]
+    mins = [min(x) for x in samples]
+    flops = 2 * T * K * d * (2 if steer else 1)
+    return med, mins, flops
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dtypes", default="float32,bfloat16")
-    ap.add_argument("--ds", default="576,2048,4096")
-    ap.add_argument("--Ts", default="1,64,2048")
+    ap.add_argument("--dtypes", default="fp32")
+    ap.add_argument("--ds", default="576,4096")
+    ap.add_argument("--Ts", default="64,2048")
     ap.add_argument("--Ks", default="16,171")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--modes", default="steer_norm,monitor_norm")
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--budget", type=float, default=1.0,
-                    help="seconds of interleaved rounds per (shape, mode)")
+                    help="seconds of interleaved rounds per case")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time by the calling thread's CPU time (time.thread_time) instead of the "
+                         "wall clock: on a shared machine this drops the time the thread was "
+                         "descheduled; meaningful with --threads 1 only")
+    ap.add_argument("--system-allocator", action="store_true",
+                    help="keep the default allocator (no re-exec with the runner's ALLOC_ENV)")
     args = ap.parse_args()
+    if not args.system_allocator and not all(k in os.environ for k in br.ALLOC_ENV):
+        env = dict(os.environ, **br.ALLOC_ENV)
+        sys.stdout.flush()
+        os.execve(sys.executable, [sys.executable] + sys.orig_argv[1:], env)
     torch.set_num_threads(args.threads)
+    if args.cpu_time and args.threads != 1:
+        ap.error("--cpu-time needs --threads 1 (it measures the calling thread only)")
+    clock = time.thread_time if args.cpu_time else time.perf_counter
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{args.threads} threads, kernel: {_C.simd_description()}")
-    print("# torch / fused: median (min) µs over interleaved rounds; speedup = ratio of medians "
-          "(of mins); GB/s: fused kernel at its median, bytes moved once")
-    print(f"{'dtype':>8} {'d':>5} {'T':>5} {'K':>4} {'mode':>8} {'torch_us':>18} {'fused_us':>18} "
-          f"{'speedup':>14} {'GB/s':>6}")
+          f"{args.threads} threads, {'thread CPU time' if args.cpu_time else 'wall clock'}, "
+          f"kernel: {_C.simd_description()}")
+    print("# median (min) µs per call, interleaved; speedup = chain / fused (medians, mins); "
+          "GF/s = matmul FLOPs (2TKd per matmul) / median time")
+    print(f"{'dtype':>5} {'d':>5} {'T':>5} {'K':>4} {'mode':>12} {'chain_us':>18} "
+          f"{'mm_us':>18} {'fused_us':>18} {'speedup':>12} {'fusedGF':>7} {'mmGF':>6}")
     for dt in args.dtypes.split(","):
-        dtype = getattr(torch, dt)
         for d in map(int, args.ds.split(",")):
             for T in map(int, args.Ts.split(",")):
                 for K in map(int, args.Ks.split(",")):
-                    for mode, tt, tf, mt, mf, gbs in bench_shape(dtype, d, T, K,
-                                                                 budget_s=args.budget):
-                        if mode == "steer1":
-                            t_s, speed = "", ""
-                        else:
-                            t_s = f"{tt * 1e6:.1f} ({mt * 1e6:.1f})"
-                            speed = f"{tt / tf:.2f} ({mt / mf:.2f})"
-                        f_s = f"{tf * 1e6:.1f} ({mf * 1e6:.1f})"
-                        print(f"{dt:>8} {d:>5} {T:>5} {K:>4} {mode:>8} {t_s:>18} {f_s:>18} "
-                              f"{speed:>14} {gbs:6.1f}", flush=True)
+                    for mode in args.modes.split(","):
+                        case = bc.JunctionCase(T, d, K, mode, dt)
+                        (tf, tc, tm), (mf, mc, mm_), flops = bench_case(
+                            case, args.budget, clock)
+                        cell = lambda t, m: f"{t * 1e6:.1f} ({m * 1e6:.1f})"  # noqa: E731
+                        print(f"{dt:>5} {d:>5} {T:>5} {K:>4} {mode:>12} {cell(tc, mc):>18} "
+                              f"{cell(tm, mm_):>18} {cell(tf, mf):>18} "
+                              f"{tc / tf:5.2f} ({mc / mf:4.2f}) {flops / tf / 1e9:7.1f} "
+                              f"{flops / tm / 1e9:6.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -226,7 +226,9 @@ void junction_cpu(const at::Tensor& residual, const at::Tensor& V, const OptTens
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / (d * (K + 4)));
 
   at::parallel_for(0, T, grain, [&](int64_t begin, int64_t end) {
-    const int64_t n_max = std::min(tile_rows, end - begin);
+    // equal tiles (a multiple of 4 rows, at most tile_rows) rather than full tiles and a stub
+    const int64_t rows = end - begin, ntiles = (rows + tile_rows - 1) / tile_rows;
+    const int64_t n_max = std::min(rows, ((rows + ntiles - 1) / ntiles + 3) / 4 * 4);
     std::unique_ptr<float[]> fs(new float[cpu::tile_scratch_floats(n_max, K, a.ldh, f32)]);
     std::unique_ptr<int32_t[]> is(new int32_t[cpu::tile_scratch_ints(n_max, K)]);
     for (int64_t t0 = begin; t0 < end; t0 += n_max)

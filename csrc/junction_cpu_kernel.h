@@ -107,17 +107,25 @@ inline void dot_rows(const Ht* const* h, int R, const Vt* V, int64_t d, float* p
 }
 
 // p[r * K + k] = <h[r], V[k]> for the n rows of a tile: blocks of kDotK concepts (outer loop,
-// so a block of V rows stays in L1/L2 while every row of the tile passes) x kRows rows.
+// so a block of V rows stays in L1/L2 while every row of the tile passes; the K % kDotK rest is
+// one narrower block, not one pass over the tile per concept) x kRows rows.
 template <class Ht, class Vt>
 inline void project_tile(const Ht* const* h, int n, const Vt* V, int64_t d, int64_t K,
                          float* p) {
-  int64_t k0 = 0;
-  for (; k0 + kDotK <= K; k0 += kDotK)
-    for (int r0 = 0; r0 < n; r0 += kRows)
-      dot_rows<kDotK>(h + r0, n - r0 < kRows ? n - r0 : kRows, V + k0 * d, d, p + r0 * K + k0, K);
-  for (; k0 < K; ++k0)
-    for (int r0 = 0; r0 < n; r0 += kRows)
-      dot_rows<1>(h + r0, n - r0 < kRows ? n - r0 : kRows, V + k0 * d, d, p + r0 * K + k0, K);
+  for (int64_t k0 = 0; k0 < K; k0 += kDotK) {
+    const int64_t kb = K - k0 < kDotK ? K - k0 : kDotK;
+    for (int r0 = 0; r0 < n; r0 += kRows) {
+      const int R = n - r0 < kRows ? n - r0 : kRows;
+      const Vt* const Vb = V + k0 * d;
+      float* const pb = p + r0 * K + k0;
+      switch (kb) {
+        case 4: dot_rows<4>(h + r0, R, Vb, d, pb, K); break;
+        case 3: dot_rows<3>(h + r0, R, Vb, d, pb, K); break;
+        case 2: dot_rows<2>(h + r0, R, Vb, d, pb, K); break;
+        default: dot_rows<1>(h + r0, R, Vb, d, pb, K); break;
+      }
+    }
+  }
 }
 
 // Columns [j, j + NV*W) of R steered residual rows, in fp32 and stored back in St:

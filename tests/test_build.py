@@ -48,3 +48,14 @@ def test_cmake_build_and_load(tmp_path):
 def test_setup_declares_required_layout():
     for path in ("csrc", "steerkernel", "benchmarks", "tests", "setup.py", "CMakeLists.txt"):
         assert os.path.exists(os.path.join(ROOT, path)), path
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="OpenMP flags are set on Linux")
+def test_cpu_op_is_built_with_openmp():
+    """at::parallel_for only spreads rows over threads in a file compiled with OpenMP: without
+    -fopenmp the CPU op silently runs on one thread whatever torch.set_num_threads says."""
+    import steerkernel._C as ext
+
+    with open(ext.__file__, "rb") as f:
+        data = f.read()
+    assert b"GOMP_parallel" in data, f"{ext.__file__} was built without OpenMP"
