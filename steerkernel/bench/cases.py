@@ -178,8 +178,9 @@ def vllm_decode_cases(device: str, size: str) -> list:
         return []
     if importlib.util.find_spec("vllm") is None:
         return [Unavailable("vllm_decode", "vllm is not importable here")]
-    return [Unavailable("vllm_decode", "no vLLM decode benchmark is registered yet "
-                        "(steerkernel/bench/cases.py: vllm_decode_cases)")]
+    return [Unavailable("vllm_decode", "vLLM throughput starts its own engines and is "
+                        "measured by `python benchmarks/bench_vllm.py` (results: "
+                        "benchmarks/results/vllm-cpu-*.json), not inside this runner")]
 
 
 FAMILIES: Dict[str, Callable[[str, str], list]] = {
