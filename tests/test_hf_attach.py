@@ -453,3 +453,56 @@ def test_hand_over_only_reaches_the_next_layer(bank):
             in_order = layers[1](layers[0](x, **kw), **kw)
         torch.testing.assert_close(in_order, layers[1](layers[0](x, **kw), **kw), **TOL)
     torch.testing.assert_close(fused, stock, **TOL)
+
+
+# ------------------------------------------------------------------------------ no host sync
+SYNCING_OPS = ("_local_scalar_dense", "is_nonzero", "equal", "nonzero", "item")
+
+
+class _SyncCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten ops that need a tensor's value on the host (``.item()``, ``bool(t)``,
+    ``int(t)``, ``torch.equal``, ``nonzero``): on a GPU each is a device synchronisation."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in SYNCING_OPS:
+            self.calls.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def _count_syncs(model, ids, mask=None):
+    with torch.no_grad(), _SyncCounter() as counter:
+        if mask is None:
+            model(ids)
+        else:
+            model(ids, attention_mask=mask, position_ids=position_ids(mask))
+    return counter.calls
+
+
+@pytest.mark.parametrize("path", ["fused", "generic"])
+def test_monitoring_and_steering_add_no_host_sync_to_the_forward(llama, bank, path):
+    """The CUDA-free form of "no synchronisation inside the forward": during a steered,
+    monitored forward (a MonitorEngine receiving every layer's scores), steerkernel adds no op
+    that reads a tensor value on the host; stock HF's own such ops are counted the same way.
+    Known exception, asserted exactly: with an attention mask, one read of the mask per
+    forward (is any token padding? which ones, for the monitor's row layout)."""
+    from steerkernel.monitor import MonitorEngine
+
+    ids, mask = batch()
+    stock = _count_syncs(llama, ids)
+    stock_masked = _count_syncs(llama, ids, mask)
+    engine = MonitorEngine(bank.names, bank.layers, max_tokens=64)
+    with steerkernel.attach(llama, bank, monitor=engine, path=path,
+                            program="c0=+0.6?c1>0!; c3=ablate?c1>0!") as h:
+        _count_syncs(llama, ids)  # warm-up: first-call set-up may read values
+        attached = _count_syncs(llama, ids)
+        attached_masked = _count_syncs(llama, ids, mask)
+        assert h.path == path
+    engine.poll(wait=True)
+    assert attached == stock, (attached, stock)
+    assert sorted(attached_masked) == sorted(stock_masked + ["_local_scalar_dense"]), \
+        (attached_masked, stock_masked)
