@@ -3,7 +3,7 @@
 # Extra arguments go to pytest (e.g. `bash scripts/test.sh -k junction`).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-bash scripts/bootstrap.sh || { echo "bootstrap failed" >&2; exit 1; }
+STEERKERNEL_WITH_VLLM=1 bash scripts/bootstrap.sh || { echo "bootstrap failed" >&2; exit 1; }
 "${PYTHON:-python3}" -m pytest tests -q -p no:cacheprovider "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
