@@ -19,24 +19,20 @@ BANK_HELP = ("concept bank file (.safetensors / .gguf); default: the built-in em
              "the model, extracted on first use and cached next to the model")
 
 
-def positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
+def _int_at_least(lo: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            v = lo - 1
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return v
+    return parse
 
 
-def nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return v
+positive_int = _int_at_least(1, "a positive integer")
+nonneg_int = _int_at_least(0, "an integer >= 0")
 
 
 def finite_float(text: str) -> float:
@@ -199,6 +195,22 @@ def prompt_ids(tok, prompt, args) -> List[int]:
 
     return chat_ids(tok, prompt, system=getattr(args, "system", None),
                     chat=False if getattr(args, "raw", False) else None)
+
+
+def prepare_generation(args, parsed: Optional[dict] = None) -> dict:
+    """Everything ``generate`` and ``monitor`` do before generating: checked arguments, the
+    prompt, model, tokenizer and bank, the monitored layer and the prompt's token ids."""
+    from ..monitor import JSONLSink
+
+    parsed = check_args(args) if parsed is None else parsed
+    prompt = read_prompt(args)
+    model, tok, bank = load_model_and_bank(args)
+    compile_check(parsed["program"], bank)
+    li = bank.layer_index(args.layer)
+    layer = bank.layers[li]
+    return dict(parsed=parsed, prompt=prompt, model=model, tok=tok, bank=bank, li=li,
+                layer=layer, ids=prompt_ids(tok, prompt, args), names=bank.names,
+                sinks=[JSONLSink(args.jsonl_log, layer=layer)] if args.jsonl_log else [])
 
 
 def compile_check(program: Optional[str], bank) -> None:

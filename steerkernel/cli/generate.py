@@ -12,8 +12,8 @@ import json
 import sys
 
 from ._common import (add_generation_options, add_model_options, add_monitor_options,
-                      add_prompt_options, check_args, compile_check, load_model_and_bank, num,
-                      prompt_ids, read_prompt, summary_dict, token_json)
+                      add_prompt_options, check_args, num, prepare_generation,
+                      summary_dict, token_json)
 
 
 def add_arguments(p) -> None:
@@ -30,20 +30,14 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from ..live import generate_monitored, reread
-    from ..monitor import JSONLSink
 
     parsed = check_args(args)
     if args.compare and parsed["program"] is None:
         raise ValueError("--compare needs a --steer program to compare against")
-    prompt = read_prompt(args)
-    model, tok, bank = load_model_and_bank(args)
-    compile_check(parsed["program"], bank)
-    li = bank.layer_index(args.layer)
-    layer = bank.layers[li]
-    ids = prompt_ids(tok, prompt, args)
-    names = bank.names
+    g = prepare_generation(args, parsed)
+    prompt, model, tok, bank = g["prompt"], g["model"], g["tok"], g["bank"]
+    li, layer, ids, names, sinks = g["li"], g["layer"], g["ids"], g["names"], g["sinks"]
     out, err = sys.stdout, sys.stderr
-    sinks = [JSONLSink(args.jsonl_log, layer=layer)] if args.jsonl_log else []
     rows = [ids, ids] if args.compare else [ids]
     programs = [None, parsed["program"]] if args.compare else [parsed["program"]]
     stream = not args.json and not args.compare

@@ -13,8 +13,7 @@ import os
 import sys
 
 from ._common import (add_generation_options, add_model_options, add_monitor_options,
-                      add_prompt_options, check_args, compile_check, load_model_and_bank,
-                      prompt_ids, read_prompt, show, summary_dict, token_json)
+                      add_prompt_options, prepare_generation, show, summary_dict, token_json)
 
 
 def add_arguments(p) -> None:
@@ -28,18 +27,11 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from ..live import generate_monitored, top_concepts
-    from ..monitor import JSONLSink
 
-    parsed = check_args(args)
-    prompt = read_prompt(args)
-    model, tok, bank = load_model_and_bank(args)
-    compile_check(parsed["program"], bank)
-    li = bank.layer_index(args.layer)
-    layer = bank.layers[li]
-    ids = prompt_ids(tok, prompt, args)
-    names = bank.names
+    g = prepare_generation(args)
+    parsed, prompt, model, tok, bank = g["parsed"], g["prompt"], g["model"], g["tok"], g["bank"]
+    li, layer, ids, names, sinks = g["li"], g["layer"], g["ids"], g["names"], g["sinks"]
     out = sys.stdout
-    sinks = [JSONLSink(args.jsonl_log, layer=layer)] if args.jsonl_log else []
     n_prompt = len(ids)
     width = 16
 
