@@ -7,13 +7,13 @@ backend that cannot run gives an error saying why.
 """
 from __future__ import annotations
 
-import importlib
 import os
 from typing import Dict, Optional, Tuple
 
 import torch
 
 from ..ops import library
+from . import native
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 ENV_VAR = "STEERKERNEL_BACKEND"
@@ -39,14 +39,19 @@ def _cpu_ext() -> Tuple[bool, str]:
     return _probe("_cpu_ext", _probe_cpu_ext)
 
 
+def _how(name: str) -> str:
+    st = native.build_status().get(name, {})
+    how = "built ahead of time" if st.get("mode") == "ahead-of-time" else "built on first use"
+    return f"{how}: {st.get('path')}"
+
+
 def _probe_cpu_ext() -> Tuple[bool, str]:
     try:
-        mod = importlib.import_module("steerkernel._C")
-    except ImportError as e:
-        return False, (f"C++ extension steerkernel._C is not built ({e}); "
-                       "install with `pip install --no-build-isolation -e .`")
+        mod = native.load("_C")
+    except native.NativeUnavailable as e:
+        return False, f"C++ extension steerkernel._C unavailable: {e}"
     library.register_native_fake()
-    return True, f"steerkernel._C loaded ({mod.simd_description()})"
+    return True, f"{mod.simd_description()}; {_how('_C')}"
 
 
 def _cuda_ext() -> Tuple[bool, str]:
@@ -60,11 +65,10 @@ def _probe_cuda_ext() -> Tuple[bool, str]:
     if not ok:
         return False, why
     try:
-        importlib.import_module("steerkernel._C_cuda")
-    except ImportError as e:
-        return False, (f"CUDA extension steerkernel._C_cuda is not built ({e}); rebuild with "
-                       "CUDA torch and nvcc present (STEERKERNEL_BUILD_CUDA=1 forces it)")
-    return True, f"steerkernel._C_cuda loaded (GPU: {torch.cuda.get_device_name()})"
+        native.load("_C_cuda")
+    except native.NativeUnavailable as e:
+        return False, f"CUDA extension steerkernel._C_cuda unavailable: {e}"
+    return True, f"GPU: {torch.cuda.get_device_name()}; {_how('_C_cuda')}"
 
 
 def triton_interpreted() -> bool:
