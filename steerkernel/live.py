@@ -10,7 +10,7 @@ What a token's scores mean.  The projections reported for generated token ``i`` 
 that token is fed back into the model (the forward after it was sampled): ``p = V_l h_l``, the
 residual stream *at that token's position* at the output of decoder layer ``l`` -- the same
 quantity :func:`steerkernel.concepts.score_texts` and the bank's z-score baseline use.  The
-junction reads ``p`` before its own layer's intervention (DESIGN §2), but under steering the
+junction reads ``p`` before its own layer's intervention (docs/design.md §2), but under steering the
 residual already carries the edits of the earlier steered layers (and of earlier tokens, through
 attention).  To measure what steering changed in the *text*, re-read the generated tokens on the
 unsteered model with :func:`reread` (what ``steerkernel demo`` reports).

@@ -4,7 +4,7 @@ A :class:`Program` is a list of :class:`Steer` entries.  Each entry names a conc
 bank, an operation on that concept's projection ``p = v·h`` (``v`` the unit direction at a layer,
 ``h`` the residual stream at the output of that decoder layer), the layers and the tokens it
 applies to, and an optional gate on another concept's projection.  The junction op
-(DESIGN §2) applies, for every token row whose slot is ``s``::
+(docs/design.md §2) applies, for every token row whose slot is ``s``::
 
     q = clamp(p + shift[s], lo[s], hi[s])          # per concept, all K at once
     h = h + Vᵀ (q - p)

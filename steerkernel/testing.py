@@ -1,7 +1,7 @@
 """Test helpers shared by the test suite, the property tests and the benchmarks.
 
 * :data:`TOLERANCES` — the per-dtype tolerances every backend is held to, in one place.
-* :func:`make_case` — random junction inputs covering every intervention kind of DESIGN §2.
+* :func:`make_case` — random junction inputs covering every intervention kind of docs/design.md §2.
 * :func:`run_case` — run a backend on fresh clones with every output poisoned (NaN) first.
 * :func:`check_backend` — run a backend and the float64 reference on the same case and compare.
 """
@@ -42,7 +42,7 @@ SCORE_TOLERANCES: Dict[torch.dtype, Tol] = {
     torch.bfloat16: Tol(rtol=2e-5, atol=2e-5),
 }
 
-#: Intervention kinds of DESIGN §2 (name -> how to draw (shift, lo, hi) for one concept).
+#: Intervention kinds of docs/design.md §2 (name -> how to draw (shift, lo, hi) for one concept).
 KINDS = ("add", "ablate", "cap_above", "cap_below", "pin", "noop")
 
 

@@ -1,5 +1,5 @@
 """Shared helpers of the HF integration tests: tiny offline models, banks, and a plain-torch
-forward-hook reference of the junction math (DESIGN §2) to compare the fused/generic paths to."""
+forward-hook reference of the junction math (docs/design.md §2) to compare the fused/generic paths to."""
 from __future__ import annotations
 
 import math
@@ -141,7 +141,7 @@ def random_bank(model, K: int = 6, layers: Optional[Sequence[int]] = None, seed:
 
 # ------------------------------------------------------------------------------ reference
 class HookReference:
-    """Plain-torch forward hooks doing DESIGN §2 at each bank layer's output (float64 math).
+    """Plain-torch forward hooks doing docs/design.md §2 at each bank layer's output (float64 math).
 
     ``programs``: per batch row a compiled program (or None).  A pre-hook on the decoder stack
     reads the phase (empty KV cache = ``prompt``) and the attention mask (padded positions are

@@ -1,5 +1,5 @@
 """The benchmark suite's machinery: accounting, timers, baselines' semantics, a smoke run of every
-CPU case, result-file schema and report rendering.  No speed is asserted here (DESIGN §6: speed
+CPU case, result-file schema and report rendering.  No speed is asserted here (docs/design.md §6: speed
 targets live in the benchmarks)."""
 import glob
 import importlib.util

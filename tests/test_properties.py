@@ -1,6 +1,6 @@
 """Property-based tests (hypothesis) of the junction op: every backend against the float64
 reference over random shapes, dtypes, memory layouts and intervention tables, plus the
-algebraic laws of DESIGN §2 (GitHub issue #8).
+algebraic laws of docs/design.md §2 (GitHub issue #8).
 
 Two families of generated cases:
 
@@ -554,7 +554,7 @@ def _relayout(t: torch.Tensor, how: str) -> torch.Tensor:
 
 
 def _layout_ok(name: str, t: torch.Tensor) -> bool:
-    """The documented layout rules (junction docstring / DESIGN §5), stated independently."""
+    """The documented layout rules (junction docstring / docs/design.md §5), stated independently."""
     if name in ROW_ARGS:
         T, d = t.shape
         return (d <= 1 or t.stride(1) == 1) and (T <= 1 or t.stride(0) >= d)

@@ -1,7 +1,7 @@
 """Triton junction kernels (GPU; on CPU under ``TRITON_INTERPRET=1`` for tests).
 
 Implements ``steerkernel::junction_triton`` with exactly the semantics of
-:func:`steerkernel.ops.reference.junction_reference_` (DESIGN §2).  Per token row ``t`` of a
+:func:`steerkernel.ops.reference.junction_reference_` (docs/design.md §2).  Per token row ``t`` of a
 ``[T, d]`` hidden state, in fp32::
 
     h          = rne(residual[t] + x[t])               # rounded once to the residual dtype

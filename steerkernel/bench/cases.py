@@ -101,7 +101,7 @@ class Impl:
 # ----------------------------------------------------------------------------- case lists
 
 def junction_cases(device: str, size: str) -> List[JunctionCase]:
-    """The T x d x K sweep.  DESIGN §6's CPU target grid (d in {576, 2048, 4096}, T in {1, 64,
+    """The T x d x K sweep.  docs/design.md §6's CPU target grid (d in {576, 2048, 4096}, T in {1, 64,
     2048}, K in {16, 171}) is inside ``full``; ``quick`` keeps d in {576, 4096}."""
     if size == "smoke":
         out = [JunctionCase(T, 64, 4, m) for T in (1, 8) for m in MODES]

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 
 from .runner import RESULTS_DIR
 
-#: DESIGN §6 CPU target grid: the kernel >= 2x faster than the unfused chain at T >= 64.
+#: docs/design.md §6 CPU target grid: the kernel >= 2x faster than the unfused chain at T >= 64.
 TARGET_D = (576, 2048, 4096)
 TARGET_T = (1, 64, 2048)
 TARGET_K = (16, 171)
@@ -100,7 +100,7 @@ def junction_table(rows: List[dict]) -> str:
 
 
 def target_summary(doc: dict) -> str:
-    """DESIGN §6 (CPU): the kernel beats the unfused chain, >= 2x at T >= 64 on the target grid."""
+    """docs/design.md §6 (CPU): the kernel beats the unfused chain, >= 2x at T >= 64 on the target grid."""
     rows = [r for r in junction_rows(doc, key_only=True)
             if r["params"]["T"] >= 64 and r["vs_eager"] is not None]
     if not rows:

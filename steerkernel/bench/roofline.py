@@ -1,6 +1,6 @@
 """Roofline accounting: bytes moved and FLOPs of one junction call, and measured copy bandwidth.
 
-The junction is memory-bound on a GPU (DESIGN §6): its floor is the bytes it must move once
+The junction is memory-bound on a GPU (docs/design.md §6): its floor is the bytes it must move once
 over the copy bandwidth measured on the same machine in the same run.  Every benchmark result
 carries ``bytes``, ``flops``, achieved GB/s and the fraction of that copy bandwidth.
 

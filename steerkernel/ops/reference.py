@@ -1,6 +1,6 @@
 """The pure-torch junction: the oracle every other backend is tested against.
 
-Math (per token row ``t`` of a ``[T, d]`` hidden state; see ``docs``/DESIGN §2)::
+Math (per token row ``t`` of a ``[T, d]`` hidden state; see docs/design.md §2)::
 
     h          = residual[t] + x[t]              # added in the residual's dtype, as torch does
     p          = V · h                           # V [K, d] unit rows -> p [K]

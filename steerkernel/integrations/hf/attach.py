@@ -14,7 +14,7 @@ Per forward of ``B`` rows × ``S`` new tokens (``T = B·S`` token rows, row-majo
   positions (attention mask 0) always get slot 0 and are left out of the traces;
 * at bank layer position ``i`` (decoder layer ``bank.layers[i]``) the junction writes the
   scores ``p = V_i h`` ``[T, K]`` into the monitor buffer and applies the slot's
-  ``clamp(p + shift, lo, hi)`` update (DESIGN §2);
+  ``clamp(p + shift, lo, hi)`` update (docs/design.md §2);
 * after the forward, each row's non-padded tokens are appended to its trace
   ``[n_tokens, L, K]``.
 
