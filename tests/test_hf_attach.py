@@ -384,6 +384,9 @@ def test_refusals(llama, bank, monkeypatch):
     with pytest.raises(UnsupportedModelError):
         check_transformers_version("6.1.0")
     assert check_transformers_version("5.19.0") == "5.19.0"
+    # the range comes from pyproject.toml (one place), and the refusal names it
+    with pytest.raises(UnsupportedModelError, match=r"supported: <5.20,>=5"):
+        check_transformers_version("5.20.0")
     import transformers
 
     monkeypatch.setattr(transformers, "__version__", "4.40.2")

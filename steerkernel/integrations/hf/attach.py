@@ -31,7 +31,7 @@ from typing import Hashable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ... import backends
+from ... import backends, requirements
 from ...errors import BankMismatchError, SpecError, UnsupportedModelError
 from ...ops.junction import MODEL_DTYPES, prepare_junction
 from ...steering import (CompiledProgram, Program, ProgramLike, SlotTables,
@@ -41,10 +41,6 @@ from .layers import (Junctions, fused_norm_weight, fusable_norm, make_fused_forw
                      make_generic_hook)
 from .trace import TraceStore
 
-#: transformers versions whose decoder layers the fused forwards were checked against:
-#: ``MIN <= version < MAX`` (major, minor).
-TRANSFORMERS_MIN = (5, 0)
-TRANSFORMERS_MAX = (6, 0)
 PATHS = ("auto", "fused", "generic")
 
 _ATTACHED: "weakref.WeakKeyDictionary[nn.Module, SteeringHandle]" = weakref.WeakKeyDictionary()
@@ -52,23 +48,19 @@ _MISSING = object()
 
 
 def check_transformers_version(version: Optional[str] = None) -> str:
-    """Raise :class:`UnsupportedModelError` unless transformers ``version`` is supported."""
+    """Raise :class:`UnsupportedModelError` unless transformers ``version`` lies in the range
+    pyproject.toml declares (the versions whose decoder layers the fused forwards were checked
+    against; :func:`steerkernel.requirements.supported_range`)."""
     if version is None:
         import transformers
 
         version = transformers.__version__
-    parts = []
-    for p in version.split(".")[:2]:
-        digits = "".join(ch for ch in p if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
-    v = tuple(parts + [0] * (2 - len(parts)))
-    if not TRANSFORMERS_MIN <= v < TRANSFORMERS_MAX:
-        lo = ".".join(map(str, TRANSFORMERS_MIN))
-        hi = ".".join(map(str, TRANSFORMERS_MAX))
+    if not requirements.is_supported("transformers", version):
+        spec = requirements.supported_range("transformers")
         raise UnsupportedModelError(
             f"transformers {version} is not supported by steerkernel.attach "
-            f"(supported: >={lo},<{hi}); install a supported version, e.g. "
-            f"pip install 'transformers>={lo},<{hi}'")
+            f"(supported: {spec}); install a supported version, e.g. "
+            f"pip install 'transformers{spec}'")
     return version
 
 
