@@ -112,11 +112,11 @@ def machine_info() -> dict:
                     break
     except OSError:
         pass
-    try:
-        import steerkernel._C as C
+    from steerkernel.backends import native
 
-        simd = C.simd_description()
-    except ImportError:
+    try:
+        simd = native.load("_C").simd_description()
+    except native.NativeUnavailable:
         simd = None
     import transformers
 

@@ -112,6 +112,7 @@ def component_costs(K: int, batch: int, L: int = 30, d: int = 576, iters: int = 
     import steerkernel
     from steerkernel import backends
     from steerkernel.monitor import MonitorEngine
+    from steerkernel.ops import JunctionArgs
     from steerkernel.steering import compile_program
 
     dev = torch.device("cpu")
@@ -133,10 +134,11 @@ def component_costs(K: int, batch: int, L: int = 30, d: int = 576, iters: int = 
         return (time.perf_counter() - t0) / iters * 1e6
 
     res = {"T": batch, "K": K, "d": d}
-    res["junction_monitor_us"] = t(lambda: op(r, V, x, None, None, None, None, None, None, None,
-                                              None, w, 1e-5, sc, nm, out))
-    res["junction_steer_us"] = t(lambda: op(r, V, x, slot, shift, lo, hi, None, None, None,
-                                            None, w, 1e-5, sc, nm, out))
+    monitor = JunctionArgs(residual=r, V=V, x=x, weight=w, eps=1e-5, scores=sc, norms=nm,
+                           out=out)
+    steer = monitor._replace(slot=slot, shift=shift, lo=lo, hi=hi)
+    res["junction_monitor_us"] = t(lambda: op(*monitor))
+    res["junction_steer_us"] = t(lambda: op(*steer))
     try:
         import vllm._custom_ops  # noqa: F401 - registers torch.ops._C
 

@@ -40,10 +40,11 @@ import time
 
 import torch
 
-import steerkernel  # noqa: F401  (registers torch.ops.steerkernel.junction)
-import steerkernel._C as _C
+from steerkernel import backends
+from steerkernel.backends import native
 from steerkernel.bench import cases as bc
 from steerkernel.bench import runner as br
+from steerkernel.ops import JunctionArgs
 
 L3_BYTES = 32 << 20
 
@@ -97,12 +98,14 @@ def bench_case(case: bc.JunctionCase, budget_s: float, clock=time.perf_counter):
         s["p"] = torch.empty(T, K)
         s["dq"] = torch.randn(T, K) * 0.1
         s["upd"] = torch.empty(T, d)
-    op = torch.ops.steerkernel.junction.default
+        s["call"] = JunctionArgs(residual=s["residual"], V=s["V"], x=s["x"],
+                                 slot=s.get("slot"), shift=s.get("shift"), lo=s.get("lo"),
+                                 hi=s.get("hi"), weight=s.get("weight"), eps=bc.EPS,
+                                 scores=s["scores"], norms=s["norms"], out=s["out"])
+    op = backends.op_for("cpu")
 
     def fused(s):
-        op(s["residual"], s["V"], s["x"], s.get("slot"), s.get("shift"), s.get("lo"),
-           s.get("hi"), None, None, None, None, s.get("weight"), bc.EPS, s["scores"],
-           s["norms"], s["out"])
+        op(*s["call"])
 
     chain_fn = bc.make_chain(steer, case.norm)
 
@@ -150,7 +153,7 @@ def main():
     clock = time.thread_time if args.cpu_time else time.perf_counter
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{args.threads} threads, {'thread CPU time' if args.cpu_time else 'wall clock'}, "
-          f"kernel: {_C.simd_description()}")
+          f"kernel: {native.load('_C').simd_description()}")
     print("# median (min) µs per call, interleaved; speedup = chain / fused (medians, mins); "
           "GF/s = matmul FLOPs (2TKd per matmul) / median time")
     print(f"{'dtype':>5} {'d':>5} {'T':>5} {'K':>4} {'mode':>12} {'chain_us':>18} "

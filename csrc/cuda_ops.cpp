@@ -2,14 +2,10 @@
 // steerkernel._C_cuda.  Importing the module registers the CUDA kernel; the op's schema comes
 // from steerkernel._C (csrc/ops.cpp), which must be imported first.
 //
-// This file is the torch side only: argument checks (check_junction_args, shared with the CPU
-// impl), device guard, current stream, the per-call `fired [P]` scratch from the caching
-// allocator, and the translation of tensors into the torch-free `cuda::Params` of
-// junction_cuda.cuh.  The kernels and their launch logic live in junction_cuda.cu.
-//
-// Math (per row t; see junction.h): h = residual[t] + x[t]; p = V h -> scores[t];
-// norms[t] = ||h||; if slot[t] != 0 and its gate is open, h += V^T (clamp(p + shift, lo, hi)
-// - p); residual[t] = h; out[t] = h * rsqrt(mean(h^2) + eps) * weight.
+// This file is the torch side only: check_and_pack (checks.cpp, shared with the CPU impl) into
+// the torch-free JunctionParams, device guard, current stream and the per-call `fired [P]`
+// scratch from the caching allocator.  The kernels (docs/design.md §2) and their launch logic
+// live in junction_cuda.cu.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -80,93 +76,32 @@ cuda::DeviceInfo device_info(c10::DeviceIndex index) {
   return info;
 }
 
-cuda::Dtype dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return cuda::Dtype::f32;
-    case at::kBFloat16: return cuda::Dtype::bf16;
-    case at::kHalf: return cuda::Dtype::f16;
-    default: TORCH_CHECK(false, "steerkernel.junction (cuda): unsupported dtype ", t.scalar_type());
-  }
-}
-
-// Tensors -> Params (pointers and element strides; see junction_cuda.cuh for the shapes).
-cuda::Params make_params(const at::Tensor& residual, const at::Tensor& V, const OptTensor& x,
-                         const OptTensor& slot, const OptTensor& shift, const OptTensor& lo,
-                         const OptTensor& hi, const OptTensor& gate_concept,
-                         const OptTensor& gate_threshold, const OptTensor& gate_above,
-                         const OptTensor& latch, const OptTensor& weight, double eps,
-                         const at::Tensor& scores, const at::Tensor& norms, const OptTensor& out,
-                         int64_t P) {
-  cuda::Params p;
-  p.T = residual.size(0);
-  p.d = residual.size(1);
-  p.K = V.size(0);
-  p.P = P;
-  p.residual = residual.data_ptr();
-  p.residual_stride = residual.stride(0);
-  if (x) {
-    p.x = x->data_ptr();
-    p.x_stride = x->stride(0);
-  }
-  p.V = V.data_ptr();
-  p.v_f32 = V.scalar_type() == at::kFloat;
-  if (out) {  // check_junction_args: out needs weight
-    p.weight = weight->data_ptr();
-    p.weight_f32 = weight->scalar_type() == at::kFloat;
-    p.out = out->data_ptr();
-    p.out_stride = out->stride(0);
-  }
-  if (slot) {
-    p.slot = slot->data_ptr<int32_t>();
-    p.shift = shift->data_ptr<float>();
-    p.lo = lo->data_ptr<float>();
-    p.hi = hi->data_ptr<float>();
-    if (gate_concept) {
-      p.gate_concept = gate_concept->data_ptr<int32_t>();
-      p.gate_threshold = gate_threshold->data_ptr<float>();
-      p.gate_above = gate_above->data_ptr<bool>();
-      if (latch) p.latch = latch->data_ptr<int32_t>();
-    }
-  }
-  p.scores = scores.data_ptr<float>();
-  p.scores_s0 = scores.stride(0);
-  p.scores_s1 = scores.stride(1);
-  p.norms = norms.data_ptr<float>();
-  p.norms_stride = norms.stride(0);
-  p.eps = static_cast<float>(eps);
-  return p;
-}
-
 }  // namespace
 
-void junction_cuda(const at::Tensor& residual, const at::Tensor& V, const OptTensor& x,
+void junction_cuda(const at::Tensor& residual, const OptTensor& V, const OptTensor& x,
                    const OptTensor& slot, const OptTensor& shift, const OptTensor& lo,
                    const OptTensor& hi, const OptTensor& gate_concept,
                    const OptTensor& gate_threshold, const OptTensor& gate_above,
                    const OptTensor& latch, const OptTensor& weight, double eps,
-                   const at::Tensor& scores, const at::Tensor& norms, const OptTensor& out) {
-  const int64_t P = check_junction_args(residual, V, x, slot, shift, lo, hi, gate_concept,
-                                        gate_threshold, gate_above, latch, weight, scores,
-                                        norms, out, c10::DeviceType::CUDA);
-  if (residual.size(0) == 0) return;
+                   const OptTensor& scores, const at::Tensor& norms, const OptTensor& out) {
+  cuda::Params p = check_and_pack(residual, V, x, slot, shift, lo, hi, gate_concept,
+                                  gate_threshold, gate_above, latch, weight, eps, scores, norms,
+                                  out, c10::DeviceType::CUDA);
+  if (p.T == 0) return;
   const c10::cuda::CUDAGuard guard(residual.device());
-  cuda::Params p = make_params(residual, V, x, slot, shift, lo, hi, gate_concept,
-                               gate_threshold, gate_above, latch, weight, eps, scores, norms,
-                               out, P);
-  const cuda::Dtype dt = dtype_of(residual);
   const cuda::DeviceInfo dev = device_info(residual.device().index());
-  const char* why = cuda::unsupported(p, dt, dev);
+  const char* why = cuda::unsupported(p, dev);
   TORCH_CHECK(why == nullptr, "steerkernel.junction (cuda): d = ", p.d, ", K = ", p.K, ": ",
               why != nullptr ? why : "");
   // Per-call scratch (int32 [P]) from the caching allocator: graph-capture safe; launch()
   // zeroes it on the stream.
   at::Tensor fired;
   if (p.latch != nullptr) {
-    fired = at::empty({P}, latch->options());
+    fired = at::empty({p.P}, latch->options());
     p.fired = fired.data_ptr<int32_t>();
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(residual.device().index()).stream();
-  C10_CUDA_CHECK(cuda::launch(p, dt, current_path(), dev, stream));
+  C10_CUDA_CHECK(cuda::launch(p, current_path(), dev, stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -191,20 +126,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "The CUDA path setting: 'auto', 'row' or 'split'.");
   m.def(
       "plan",
-      [](const at::Tensor& residual, const at::Tensor& V, const steerkernel::OptTensor& x,
-         const steerkernel::OptTensor& weight, const steerkernel::OptTensor& out) {
-        TORCH_CHECK(residual.is_cuda() && residual.dim() == 2 && V.dim() == 2,
-                    "plan: residual [T, d] and V [K, d] CUDA tensors");
-        TORCH_CHECK(!out || weight, "plan: out needs weight");
-        const at::Tensor scores = at::empty({residual.size(0), V.size(0)},
-                                            residual.options().dtype(at::kFloat));
-        const at::Tensor norms = at::empty({residual.size(0)}, scores.options());
-        const steerkernel::cuda::Params p = steerkernel::make_params(
-            residual, V, x, {}, {}, {}, {}, {}, {}, {}, {}, weight, 1e-6, scores, norms, out, 0);
+      [](const at::Tensor& residual, const steerkernel::OptTensor& V,
+         const steerkernel::OptTensor& x, const steerkernel::OptTensor& weight,
+         const steerkernel::OptTensor& out) {
+        TORCH_CHECK(residual.is_cuda() && residual.dim() == 2,
+                    "plan: residual [T, d] (and V [K, d] or None) CUDA tensors");
+        steerkernel::OptTensor scores;
+        if (V) scores = at::empty({residual.size(0), V->size(0)},
+                                  residual.options().dtype(at::kFloat));
+        const at::Tensor norms = at::empty({residual.size(0)},
+                                           residual.options().dtype(at::kFloat));
+        const steerkernel::cuda::Params p = steerkernel::check_and_pack(
+            residual, V, x, {}, {}, {}, {}, {}, {}, {}, {}, weight, 1e-6, scores, norms, out,
+            c10::DeviceType::CUDA);
         int rows = 0;
         const auto path = steerkernel::cuda::choose_path(
-            p, steerkernel::dtype_of(residual),
-            steerkernel::device_info(residual.device().index()), &rows);
+            p, steerkernel::device_info(residual.device().index()), &rows);
         return std::make_tuple(std::string(steerkernel::path_name(path)), rows);
       },
       pybind11::arg("residual"), pybind11::arg("V"), pybind11::arg("x") = pybind11::none(),

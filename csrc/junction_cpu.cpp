@@ -1,10 +1,11 @@
-// steerkernel: CPU kernel of the fused junction op (math: junction.h).
+// steerkernel: CPU kernel of the fused junction op (docs/design.md §2).
 //
 // Structure:
 //   * cpu_vec.h             one SIMD `Vec` type per instruction set (AVX-512, AVX2, portable)
 //   * junction_cpu_kernel.h the row-tile kernel, written once against `Vec`; included below
 //                           once per instruction set, each copy compiled for its own target
-//   * this file             argument checks, instruction-set choice at run time, threading
+//   * this file             the op: check_and_pack (checks.cpp) into the shared
+//                           JunctionParams, instruction-set choice at run time, threading
 //                           (at::parallel_for over row ranges, each split into L2-sized tiles)
 //                           and the latch merge after the parallel region.
 //
@@ -26,38 +27,17 @@
 namespace steerkernel {
 namespace cpu {
 
-// Everything the tile kernel reads or writes, as raw pointers and element strides.
-struct JunctionArgs {
-  int64_t T, d, K, P, ldh;  // ldh: row stride of the fp32 h scratch (16-bit residuals)
-  void* residual;
-  int64_t residual_stride;
-  const void* x;  // nullable
-  int64_t x_stride;
-  const void* V;
-  const int32_t* slot;  // nullable: monitoring only
-  const float *shift, *lo, *hi;
-  const int32_t* gate_concept;  // nullable: no gates
-  const float* gate_threshold;
-  const bool* gate_above;
-  const int32_t* latch;  // nullable; read only (state at call start)
-  int32_t* fired;        // [P] per-call flags, non-null iff latch
-  const void* weight;    // nullable iff out is null
-  void* out;
-  int64_t out_stride;
-  float eps;
-  float* scores;
-  int64_t scores_s0, scores_s1;
-  float* norms;
-  int64_t norms_stride;
-};
-
-using TileFn = void (*)(const JunctionArgs&, int64_t t0, int n, float* fs, int32_t* is);
-enum class ScalarKind { f32, bf16, f16 };
+// The tile kernel reads the shared JunctionParams (junction_params.h); it only reads `latch`
+// (state at call start) and flags firing slots in the per-call `fired` [P].
+using TileFn = void (*)(const JunctionParams&, int64_t t0, int n, float* fs, int32_t* is);
 template <class T>
 constexpr bool kIsF32 = std::is_same<T, float>::value;
 template <class T>
 constexpr bool kIsBF16 = std::is_same<T, bf16>::value;
 constexpr int kMaxTileRows = 64;
+
+// Row stride of the fp32 h scratch of a tile (16-bit residuals): d rounded up to 16 floats.
+inline int64_t h_stride(int64_t d) { return (d + 15) / 16 * 16; }
 
 // Scratch of one tile of n rows (see junction_tile): h [n, ldh] (16-bit residuals), p and dq
 // [n, K], sumsq [n]; ints: per-group concept counts and lists.
@@ -133,11 +113,11 @@ Isa active_isa() {
   return isa;
 }
 
-TileFn select_tile_fn(ScalarKind st, bool v32, bool w32) {
+TileFn select_tile_fn(Dtype st, bool v32, bool w32) {
   switch (active_isa()) {
 #if STEERKERNEL_X86_SIMD
     case Isa::avx512bf16:
-      if (st == ScalarKind::bf16 && !v32) return avx512bf16::tile_fn_bf16_v(w32);
+      if (st == Dtype::bf16 && !v32) return avx512bf16::tile_fn_bf16_v(w32);
       return avx512::tile_fn(st, v32, w32);
     case Isa::avx512: return avx512::tile_fn(st, v32, w32);
     case Isa::avx2: return avx2::tile_fn(st, v32, w32);
@@ -159,68 +139,28 @@ std::string simd_description() {
   }
 }
 
-void junction_cpu(const at::Tensor& residual, const at::Tensor& V, const OptTensor& x,
+void junction_cpu(const at::Tensor& residual, const OptTensor& V, const OptTensor& x,
                   const OptTensor& slot, const OptTensor& shift, const OptTensor& lo,
                   const OptTensor& hi, const OptTensor& gate_concept,
                   const OptTensor& gate_threshold, const OptTensor& gate_above,
                   const OptTensor& latch, const OptTensor& weight, double eps,
-                  const at::Tensor& scores, const at::Tensor& norms, const OptTensor& out) {
-  const int64_t P = check_junction_args(residual, V, x, slot, shift, lo, hi, gate_concept,
-                                        gate_threshold, gate_above, latch, weight, scores,
-                                        norms, out, c10::DeviceType::CPU);
-  const int64_t T = residual.size(0), d = residual.size(1), K = V.size(0);
+                  const OptTensor& scores, const at::Tensor& norms, const OptTensor& out) {
+  JunctionParams a = check_and_pack(residual, V, x, slot, shift, lo, hi, gate_concept,
+                                    gate_threshold, gate_above, latch, weight, eps, scores,
+                                    norms, out, c10::DeviceType::CPU);
+  const int64_t T = a.T, d = a.d, K = a.K, P = a.P;
   if (T == 0) return;
 
-  const auto dt = residual.scalar_type();
-  const cpu::ScalarKind st = dt == at::kBFloat16 ? cpu::ScalarKind::bf16
-                             : dt == at::kHalf   ? cpu::ScalarKind::f16
-                                                 : cpu::ScalarKind::f32;
-  const bool f32 = st == cpu::ScalarKind::f32;
-  const bool v32 = V.scalar_type() == at::kFloat;
-  const bool w32 = !weight || weight->scalar_type() == at::kFloat;
-  const cpu::TileFn tile = cpu::select_tile_fn(st, v32, w32);
-  std::vector<int32_t> fired(latch ? P : 0, 0);
-
-  cpu::JunctionArgs a{};
-  a.T = T;
-  a.d = d;
-  a.K = K;
-  a.P = P;
-  a.ldh = (d + 15) / 16 * 16;
-  a.residual = residual.data_ptr();
-  a.residual_stride = residual.stride(0);
-  a.x = x ? x->data_ptr() : nullptr;
-  a.x_stride = x ? x->stride(0) : 0;
-  a.V = V.data_ptr();
-  if (slot) {
-    a.slot = slot->data_ptr<int32_t>();
-    a.shift = shift->data_ptr<float>();
-    a.lo = lo->data_ptr<float>();
-    a.hi = hi->data_ptr<float>();
-    if (gate_concept) {
-      a.gate_concept = gate_concept->data_ptr<int32_t>();
-      a.gate_threshold = gate_threshold->data_ptr<float>();
-      a.gate_above = gate_above->data_ptr<bool>();
-    }
-    if (latch) {
-      a.latch = latch->data_ptr<int32_t>();
-      a.fired = fired.data();
-    }
-  }
-  a.weight = out ? weight->data_ptr() : nullptr;
-  a.out = out ? out->data_ptr() : nullptr;
-  a.out_stride = out ? out->stride(0) : 0;
-  a.eps = static_cast<float>(eps);
-  a.scores = scores.data_ptr<float>();
-  a.scores_s0 = scores.stride(0);
-  a.scores_s1 = scores.stride(1);
-  a.norms = norms.data_ptr<float>();
-  a.norms_stride = norms.stride(0);
+  const bool f32 = a.dtype == Dtype::f32;
+  const cpu::TileFn tile = cpu::select_tile_fn(a.dtype, a.v_f32, a.weight_f32);
+  std::vector<int32_t> fired(a.latch != nullptr ? P : 0, 0);
+  a.fired = a.latch != nullptr ? fired.data() : nullptr;
+  const int64_t ldh = cpu::h_stride(d);
 
   // Tiles: as many rows (4 .. 64, a multiple of 4) as keep the tile's fp32 rows and its p / dq
   // scratch within ~192 KiB of L2.  Threads: chunks of at least ~2^18 multiply-adds of work
   // (d * (K + 4) per row), so small calls stay on the calling thread.
-  const int64_t row_bytes = 4 * a.ldh + 8 * K;
+  const int64_t row_bytes = 4 * ldh + 8 * K;
   const int64_t tile_rows =
       std::min<int64_t>(cpu::kMaxTileRows, std::max<int64_t>(4, (192 * 1024 / row_bytes) / 4 * 4));
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / (d * (K + 4)));
@@ -229,16 +169,15 @@ void junction_cpu(const at::Tensor& residual, const at::Tensor& V, const OptTens
     // equal tiles (a multiple of 4 rows, at most tile_rows) rather than full tiles and a stub
     const int64_t rows = end - begin, ntiles = (rows + tile_rows - 1) / tile_rows;
     const int64_t n_max = std::min(rows, ((rows + ntiles - 1) / ntiles + 3) / 4 * 4);
-    std::unique_ptr<float[]> fs(new float[cpu::tile_scratch_floats(n_max, K, a.ldh, f32)]);
+    std::unique_ptr<float[]> fs(new float[cpu::tile_scratch_floats(n_max, K, ldh, f32)]);
     std::unique_ptr<int32_t[]> is(new int32_t[cpu::tile_scratch_ints(n_max, K)]);
     for (int64_t t0 = begin; t0 < end; t0 += n_max)
       tile(a, t0, static_cast<int>(std::min(n_max, end - t0)), fs.get(), is.get());
   });
 
-  if (latch) {  // slots with a firing token latch on, after every decision has been taken
-    int32_t* la = latch->data_ptr<int32_t>();
+  if (a.latch != nullptr) {  // slots with a firing token latch on, after every decision
     for (int64_t s = 0; s < P; ++s)
-      if (fired[s]) la[s] = 1;
+      if (fired[s]) a.latch[s] = 1;
   }
 }
 

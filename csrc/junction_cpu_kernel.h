@@ -1,9 +1,11 @@
-// steerkernel: the row-tile kernel of the CPU junction op (math: junction.h).
+// steerkernel: the row-tile kernel of the CPU junction op (docs/design.md §2).
 //
 // Written once against the `Vec` interface of cpu_vec.h and compiled once per instruction set:
 // junction_cpu.cpp includes this file inside each ISA namespace of cpu_vec.h (where `Vec` is
-// that ISA's type), under that ISA's `#pragma GCC target`, after declaring `JunctionArgs`,
-// `TileFn`, `ScalarKind`, `kIsF32`, `kIsBF16` and `kMaxTileRows`.  No include guard on purpose.
+// that ISA's type), under that ISA's `#pragma GCC target`, after declaring `TileFn`, `h_stride`,
+// `kIsF32`, `kIsBF16` and `kMaxTileRows` (the call's parameters: JunctionParams of
+// junction_params.h; K == 0, i.e. no V, skips the projection and the readout).  No include
+// guard on purpose.
 // Nothing from std:: or ATen is called here (see cpu_vec.h for why).
 //
 // One call handles n <= kMaxTileRows consecutive rows t0 .. t0+n-1 (a "tile") in five passes
@@ -161,13 +163,13 @@ inline void update_rows(St* const* res, const float* const* dq, int R, const int
   }
 }
 
-// Rows t0 .. t0+n-1 (n <= kMaxTileRows).  Scratch: fs holds tile_scratch_floats(n, d, K, ldh)
+// Rows t0 .. t0+n-1 (n <= kMaxTileRows).  Scratch: fs holds tile_scratch_floats(n, K, ldh, f32)
 // floats, is holds tile_scratch_ints(n, K) ints (see junction_cpu.cpp).
 template <class St, class Vt, class Wt>
-void junction_tile(const JunctionArgs& a, int64_t t0, int n, float* fs, int32_t* is) {
+void junction_tile(const JunctionParams& a, int64_t t0, int n, float* fs, int32_t* is) {
   constexpr int W = Vec::W;
   constexpr bool f32 = kIsF32<St>;
-  const int64_t d = a.d, K = a.K, ldh = a.ldh;
+  const int64_t d = a.d, K = a.K, ldh = h_stride(d);
   const int64_t dv = d - d % W;
   St* const res0 = static_cast<St*>(a.residual);
   const St* const x0 = static_cast<const St*>(a.x);
@@ -231,8 +233,10 @@ void junction_tile(const JunctionArgs& a, int64_t t0, int n, float* fs, int32_t*
   for (int r = 0; r < n; ++r) {
     const int64_t t = t0 + r;
     const float* const pr = p + r * K;
-    float* const sc = a.scores + t * a.scores_s0;
-    for (int64_t k = 0; k < K; ++k) sc[k * a.scores_s1] = pr[k];
+    if (K > 0) {
+      float* const sc = a.scores + t * a.scores_s0;
+      for (int64_t k = 0; k < K; ++k) sc[k * a.scores_s1] = pr[k];
+    }
     a.norms[t * a.norms_stride] = __builtin_sqrtf(sumsq[r]);
     if (!a.slot) continue;
     int32_t s = a.slot[t];
@@ -341,10 +345,10 @@ inline TileFn tile_fn_for(bool v32, bool w32) {
   if (v32) return w32 ? &junction_tile<St, float, float> : &junction_tile<St, float, St>;
   return w32 ? &junction_tile<St, St, float> : &junction_tile<St, St, St>;
 }
-inline TileFn tile_fn(ScalarKind st, bool v32, bool w32) {
+inline TileFn tile_fn(Dtype st, bool v32, bool w32) {
   switch (st) {
-    case ScalarKind::bf16: return tile_fn_for<bf16>(v32, w32);
-    case ScalarKind::f16: return tile_fn_for<f16>(v32, w32);
+    case Dtype::bf16: return tile_fn_for<bf16>(v32, w32);
+    case Dtype::f16: return tile_fn_for<f16>(v32, w32);
     default: return &junction_tile<float, float, float>;
   }
 }

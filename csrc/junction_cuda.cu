@@ -1,16 +1,14 @@
-// steerkernel: CUDA kernels of the fused junction op.  Torch-free (CUDA headers only): the
-// torch op in cuda_ops.cpp validates the tensors, fills a `Params` (junction_cuda.cuh) and
-// calls `launch` below.  Oracle: steerkernel/ops/reference.py; math: junction_cuda.cuh.
+// steerkernel: CUDA kernels of the fused junction op (docs/design.md §2).  Torch-free (CUDA
+// headers only): the torch op in cuda_ops.cpp validates the tensors and packs them into the
+// shared `JunctionParams` (check_and_pack, junction_params.h), then calls `launch` below.
+// Oracle: steerkernel/ops/reference.py.
 //
-// Per token row t (all arithmetic fp32, every rounding round-to-nearest-even):
-//   h = rne(residual[t] + x[t])   stored to residual[t]; exactly torch's `residual + x`
-//                                 (fp32 add, one __float2bfloat16 / __float2half rounding), so
-//                                 rows that are not steered are bit-identical to it
-//   p = V h; scores[t] = p; norms[t] = sqrt(sum h^2)                   (pre-intervention)
-//   s, gate (latch as of call start; fires -> fired[s] = 1)
-//   if steered: h = rne(h + sum_k dq_k V_k), dq = clamp(p + shift[s], lo[s], hi[s]) - p,
-//               stored again; concepts with dq_k == 0 are skipped (adding 0 changes nothing)
-//   out[t] = rne(h * rsqrt(sum h^2 / d + eps) * weight)   (h = the stored value)
+// Numerics: all arithmetic fp32, every rounding round-to-nearest-even.  The added row
+// h = rne(residual + x) is stored exactly as torch's `residual + x` (fp32 add, one
+// __float2bfloat16 / __float2half rounding), so rows that are not steered are bit-identical to
+// it; the update, the norm and the RMSNorm read the stored value.  Concepts with dq = q - p ==
+// 0 are skipped in the update (adding 0 changes nothing).  Without V (K == 0) the projection
+// loops are empty: a plain add + RMSNorm.
 //
 // Thread layout of a row (as in vLLM's fused_add_rms_norm): a row is cut into "slots" of VEC
 // elements (VEC = 16 bytes / element size: 8 bf16/fp16 or 4 fp32); thread `tid` of a block
@@ -662,9 +660,9 @@ struct Plan {
   size_t smem = 0;    // dynamic shared memory, bytes
 };
 
-Plan make_plan(const Params& p, Dtype dt, Path requested, const DeviceInfo& dev) {
+Plan make_plan(const Params& p, Path requested, const DeviceInfo& dev) {
   Plan pl;
-  const int vec = 16 / elem_size(dt);
+  const int vec = 16 / elem_size(p.dtype);
   const int64_t nvec = p.d / vec;
   while (pl.nv < kMaxNV && (nvec + pl.nv - 1) / pl.nv > kMaxThreads) pl.nv *= 2;
   pl.regs = vector_ok(p, vec) && (nvec + pl.nv - 1) / pl.nv <= kMaxThreads &&
@@ -679,7 +677,8 @@ Plan make_plan(const Params& p, Dtype dt, Path requested, const DeviceInfo& dev)
   pl.path = requested;
   if (pl.path == Path::automatic)
     pl.path = (p.T <= kSplitMaxT && p.K >= kSplitMinK) ? Path::split : Path::row;
-  if (pl.path == Path::split && p.T > kSplitHardMaxT) pl.path = Path::row;
+  // split needs concepts to project (a grid of ceil(K / 8) blocks) and T within grid.y
+  if (pl.path == Path::split && (p.K == 0 || p.T > kSplitHardMaxT)) pl.path = Path::row;
   if (pl.path == Path::row) {
     // Rows per block: enough blocks for two per SM; h stays within 32 floats per thread.
     const int64_t blocks = 2LL * dev.num_sms;
@@ -739,8 +738,8 @@ cudaError_t launch_typed(const Params& p, const Plan& pl, cudaStream_t stream) {
 
 }  // namespace
 
-const char* unsupported(const Params& p, Dtype dtype, const DeviceInfo& dev) {
-  const Plan pl = make_plan(p, dtype, Path::automatic, dev);
+const char* unsupported(const Params& p, const DeviceInfo& dev) {
+  const Plan pl = make_plan(p, Path::automatic, dev);
   if (static_cast<int64_t>(pl.smem) > dyn_smem_limit(dev))
     return pl.regs ? "K fp32 projections exceed the shared memory of one block"
                    : "this row layout takes the shared-memory kernel, and K + d fp32 values "
@@ -748,22 +747,21 @@ const char* unsupported(const Params& p, Dtype dtype, const DeviceInfo& dev) {
   return nullptr;
 }
 
-Path choose_path(const Params& p, Dtype dtype, const DeviceInfo& dev, int* rows_per_block) {
-  const Plan pl = make_plan(p, dtype, Path::automatic, dev);
+Path choose_path(const Params& p, const DeviceInfo& dev, int* rows_per_block) {
+  const Plan pl = make_plan(p, Path::automatic, dev);
   if (rows_per_block != nullptr) *rows_per_block = pl.regs ? pl.rows : 0;
   return pl.path;
 }
 
-cudaError_t launch(const Params& p, Dtype dtype, Path path, const DeviceInfo& dev,
-                   cudaStream_t stream) {
+cudaError_t launch(const Params& p, Path path, const DeviceInfo& dev, cudaStream_t stream) {
   if (p.T <= 0) return cudaSuccess;
-  const Plan pl = make_plan(p, dtype, path, dev);
+  const Plan pl = make_plan(p, path, dev);
   cudaError_t e = cudaSuccess;
   if (p.fired != nullptr) {
     e = cudaMemsetAsync(p.fired, 0, static_cast<size_t>(p.P) * sizeof(int32_t), stream);
     if (e != cudaSuccess) return e;
   }
-  switch (dtype) {
+  switch (p.dtype) {
     case Dtype::f32: e = launch_typed<float, float>(p, pl, stream); break;
     case Dtype::bf16:
       e = p.v_f32 ? launch_typed<__nv_bfloat16, float>(p, pl, stream)

@@ -4,13 +4,13 @@
 
 #include "junction.h"
 
-
-
+// The schema generated from the argument table in steerkernel/ops/args.py (SCHEMA), spelled
+// out here so the extension stands alone; tests/test_junction.py holds the two equal.
 TORCH_LIBRARY(steerkernel, m) {
   m.def(
-      "junction(Tensor(a!) residual, Tensor V, Tensor? x, Tensor? slot, Tensor? shift, "
+      "junction(Tensor(a!) residual, Tensor? V, Tensor? x, Tensor? slot, Tensor? shift, "
       "Tensor? lo, Tensor? hi, Tensor? gate_concept, Tensor? gate_threshold, "
-      "Tensor? gate_above, Tensor(b!)? latch, Tensor? weight, float eps, Tensor(c!) scores, "
+      "Tensor? gate_above, Tensor(b!)? latch, Tensor? weight, float eps, Tensor(c!)? scores, "
       "Tensor(d!) norms, Tensor(e!)? out) -> ()");
 }
 

@@ -28,6 +28,8 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
+from .fileio import save_png
+
 #: the concepts the side-by-side table always reports (when the bank has them)
 REPORT = ("calm", "desperate", "afraid", "nervous", "happy", "sad")
 SPARK = "▁▂▃▄▅▆▇█"
@@ -104,12 +106,6 @@ def side_by_side(left: str, right: str, width: int = 46, titles=("", "")) -> Lis
     return rows
 
 
-def _cell(text: str, width: int) -> str:
-    from .cli._common import show
-
-    return show(text, width)
-
-
 # ------------------------------------------------------------------------------ plots
 def _plt():
     import matplotlib
@@ -131,8 +127,6 @@ def _smooth(x: torch.Tensor, w: int = 5) -> torch.Tensor:
 def plot_trajectory(res: dict, names: List[str], layer: int, path: str) -> None:
     """Two panels: the baseline run's user message + response (z per token, smoothed line over
     the raw points), and the response re-read: baseline (solid) vs steered (dashed)."""
-    from .concepts.analysis import _save_png
-
     plt = _plt()
     watch = res["watch"]
     fig, (a1, a2) = plt.subplots(2, 1, figsize=(10, 7.5))
@@ -170,14 +164,12 @@ def plot_trajectory(res: dict, names: List[str], layer: int, path: str) -> None:
     a2.set_ylabel("z-score")
     a2.legend(fontsize=7, ncol=len(watch))
     fig.tight_layout()
-    _save_png(fig, path)
+    save_png(fig, path)
     plt.close(fig)
 
 
 def plot_effect(results: List[dict], concepts: List[str], path: str) -> None:
     """Grouped bars: change of mean z (steered - baseline, re-read) per concept, per scenario."""
-    from .concepts.analysis import _save_png
-
     plt = _plt()
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(concepts)), 4))
     n = len(results)
@@ -193,7 +185,7 @@ def plot_effect(results: List[dict], concepts: List[str], path: str) -> None:
     ax.set_title("what steering changed in the text (re-read unsteered)", fontsize=10)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    _save_png(fig, path)
+    save_png(fig, path)
     plt.close(fig)
 
 
@@ -265,9 +257,9 @@ def run_demo(out_dir: str = "steerkernel-demo", *, model=None, tokenizer=None, b
     (``temperature`` 0) with a mild repetition penalty, so the baseline and steered runs differ
     only by the steering.
     """
-    from .concepts.bank import text_config
     from .concepts.default import default_bank, default_bank_path
-    from .live import chat_ids, generate_monitored, load_model_quietly, reread
+    from .introspect import text_config
+    from .live import chat_ids, generate_monitored, load_model_quietly, reread, token_cell
     from .models import DEFAULT_NAME
     from .steering import compile_program
 
@@ -437,7 +429,7 @@ def run_demo(out_dir: str = "steerkernel-demo", *, model=None, tokenizer=None, b
             for t in range(n):
                 row = zb[t]
                 top = int(row.argmax())
-                echo("    " + f"{t:>3}  {_cell(r['baseline_pieces'][t], 14)}"
+                echo("    " + f"{t:>3}  {token_cell(r['baseline_pieces'][t], 14)}"
                      + "".join(f"{float(row[names.index(c)]):>+10.2f}" for c in r["watch"])
                      + f"   {names[top]} {float(row[top]):+.2f}")
         if plots:

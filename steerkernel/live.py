@@ -376,6 +376,14 @@ def reread(model, tokenizer, bank, sequences: Sequence[Sequence[int]], *,
         return [t.clone() for t in h.trace()]
 
 
+def token_cell(text: str, width: int) -> str:
+    """A token's text for a table cell: escapes visible, fixed width."""
+    s = text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
+    if len(s) > width:
+        s = s[:width - 1] + "…"
+    return s.ljust(width)
+
+
 def top_concepts(z: Tensor, names: Sequence[str], n: int) -> List[tuple]:
     """``[(name, z), ...]`` of the ``n`` largest entries of ``z [K]``, descending."""
     n = max(1, min(int(n), len(names)))
@@ -384,4 +392,4 @@ def top_concepts(z: Tensor, names: Sequence[str], n: int) -> List[tuple]:
 
 
 __all__ = ["TokenRecord", "Generation", "load_model_quietly", "chat_ids", "eos_ids", "generate_monitored", "reread",
-           "top_concepts", "check_sampling"]
+           "top_concepts", "token_cell", "check_sampling"]

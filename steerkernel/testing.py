@@ -76,7 +76,8 @@ def make_case(
 ) -> JunctionCase:
     """Random junction inputs.
 
-    Shapes: residual/x ``[T, d]`` (dtype), V ``[K, d]`` unit rows (``v_dtype``), slot int32
+    Shapes: residual/x ``[T, d]`` (dtype), V ``[K, d]`` unit rows (``v_dtype``; None for
+    ``K = 0``: a plain add + RMSNorm, only with ``slots="none"``), slot int32
     ``[T]``, shift/lo/hi fp32 ``[P, K]`` (row 0 filled with garbage that must never apply),
     gates ``[P]``.  ``slots``: "random" (includes 0), "none" (monitor only), "zero" (all 0),
     "all" (all active).  ``gate``: None, "above", "below" or "mixed"; thresholds sit in gaps
@@ -86,7 +87,10 @@ def make_case(
     f64 = torch.float64
     residual = torch.randn(T, d, generator=gen, dtype=f64).to(dtype)
     x = torch.randn(T, d, generator=gen, dtype=f64).to(dtype) if with_x else None
-    V = _directions(K, d, v_dtype if v_dtype != "model" else dtype, gen, orthogonal)
+    V = _directions(K, d, v_dtype if v_dtype != "model" else dtype, gen, orthogonal) if K \
+        else None
+    if V is None and (slots != "none" or strided_scores):
+        raise ValueError("K = 0 (no V) takes slots='none' and no strided scores")
     kw: Dict[str, object] = dict(residual=residual, V=V, x=x)
     if with_norm:
         wd = weight_dtype or dtype
@@ -96,7 +100,7 @@ def make_case(
     h = residual.clone()
     if x is not None:
         h.add_(x)
-    p = h.to(f64) @ V.to(f64).T  # [T, K]
+    p = h.to(f64) @ V.to(f64).T if V is not None else h.new_zeros(T, 0, dtype=f64)  # [T, K]
     scale = float(p.abs().max()) if p.numel() else 1.0
     if slots != "none":
         if slots == "random":
@@ -181,15 +185,15 @@ def run_case(case: JunctionCase, backend: Optional[str]):
     Returns ``dict(residual, scores, norms, out, latch, scores_buffer)``.
     """
     kw = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in case.kwargs.items()}
-    T, K = kw["residual"].shape[0], kw["V"].shape[0]
+    T = kw["residual"].shape[0]
     acc = torch.float64 if kw["residual"].dtype == torch.float64 else torch.float32
     dev = kw["residual"].device
     buf = None
     if case.scores_buffer is not None:
         buf = case.scores_buffer.clone()
         kw["scores"] = buf[:, case.scores_index, :]
-    else:
-        kw["scores"] = torch.full((T, K), math.nan, dtype=acc, device=dev)
+    elif kw["V"] is not None:
+        kw["scores"] = torch.full((T, kw["V"].shape[0]), math.nan, dtype=acc, device=dev)
     kw["norms"] = torch.full((T,), math.nan, dtype=acc, device=dev)
     if kw.get("weight") is not None:
         kw["out"] = torch.full_like(kw["residual"], math.nan)
@@ -227,7 +231,10 @@ def check_backend(case: JunctionCase, backend: str) -> None:
     ref = run_case(case, "reference")
     dtype = case.kwargs["residual"].dtype
     tol, stol = TOLERANCES[dtype], SCORE_TOLERANCES[dtype]
-    assert_close(got["scores"], ref["scores"], stol, f"[{backend}] scores")
+    if ref["scores"] is None:
+        assert got["scores"] is None, f"[{backend}] scores without V"
+    else:
+        assert_close(got["scores"], ref["scores"], stol, f"[{backend}] scores")
     assert_close(got["norms"], ref["norms"], stol, f"[{backend}] norms")
     assert_close(got["residual"], ref["residual"], tol, f"[{backend}] residual")
     if ref["out"] is not None:

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from steerkernel import ConceptBank
-from steerkernel.concepts.bank import model_fingerprint, weight_hash
+from steerkernel.concepts.bankfile import bank_header, bank_tensors
 from steerkernel.concepts.interop import (export_gguf, export_vectors, import_gguf,
                                           import_vectors, read_gguf_vectors)
 from steerkernel.errors import BankFormatError, BankMismatchError, UnknownConceptError
+from steerkernel.introspect import model_fingerprint, weight_hash
 
 from fixtures_models import tiny_llama
 
@@ -345,14 +346,14 @@ def _resign(tmp_path, bank, mutate):
     semantic validation (not the checksum) must catch it."""
     from safetensors.torch import save
 
-    from steerkernel.concepts.bank import HASH_KEY, META_KEY, _digest, _json_dump
+    from steerkernel.concepts.bankfile import HASH_KEY, META_KEY, canonical_json, digest
 
-    info = bank._header()
+    info = bank_header(bank._fields())
     mutate(info)
-    meta = _json_dump(info)
-    tensors = bank._tensors()
+    meta = canonical_json(info)
+    tensors = bank_tensors(bank._fields())
     return _write(tmp_path, save(tensors, metadata={META_KEY: meta,
-                                                    HASH_KEY: _digest(meta, tensors)}))
+                                                    HASH_KEY: digest(meta, tensors)}))
 
 
 @pytest.mark.parametrize("mutate,match", [
@@ -371,20 +372,20 @@ def test_semantic_validation_on_load(bank, tmp_path, mutate, match):
 def test_nan_vectors_in_a_file_are_rejected(bank, tmp_path):
     from safetensors.torch import save
 
-    from steerkernel.concepts.bank import HASH_KEY, META_KEY, _digest, _json_dump
+    from steerkernel.concepts.bankfile import HASH_KEY, META_KEY, canonical_json, digest
 
-    tensors = bank._tensors()
+    tensors = bank_tensors(bank._fields())
     tensors["directions"] = tensors["directions"].clone()
     tensors["directions"][0, 0, 0] = math.nan
-    meta = _json_dump(bank._header())
-    p = _write(tmp_path, save(tensors, metadata={META_KEY: meta, HASH_KEY: _digest(meta, tensors)}))
+    meta = canonical_json(bank_header(bank._fields()))
+    p = _write(tmp_path, save(tensors, metadata={META_KEY: meta, HASH_KEY: digest(meta, tensors)}))
     with pytest.raises(BankFormatError, match="NaN"):
         ConceptBank.load(p)
 
 
 def test_pt_files_load_only_with_weights_only(bank, tmp_path):
     p = tmp_path / "bank.pt"
-    torch.save({**bank._tensors(), "bank": bank._header()}, p)
+    torch.save({**bank_tensors(bank._fields()), "bank": bank_header(bank._fields())}, p)
     assert_same(bank, ConceptBank.load(p))
 
     marker = tmp_path / "pwned"

@@ -41,7 +41,7 @@ HAS_BANK = importlib.util.find_spec("steerkernel.concepts.bank") is not None
 pytestmark = pytest.mark.skipif(not HAS_BANK,
                                 reason="steerkernel/concepts/bank.py does not exist yet")
 if HAS_BANK:
-    from steerkernel.concepts import bank as bank_mod
+    from steerkernel.concepts import bankfile
     from steerkernel.concepts.bank import ConceptBank
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -94,7 +94,7 @@ def test_round_trip_is_exact(saved):
     assert_valid(b)
     assert (a.names, a.layers, a.site, a.default_layer, a.metadata, a.fingerprint) == \
         (b.names, b.layers, b.site, b.default_layer, b.metadata, b.fingerprint)
-    for t in bank_mod.TENSORS:
+    for t in bankfile.TENSORS:
         assert torch.equal(getattr(a, t), getattr(b, t)), t
 
 
@@ -170,8 +170,8 @@ def _craft(header: dict, meta: dict, tensors: dict, *, data: bytes = None,
         blobs.append(raw)
         off += len(raw)
     meta_json = json.dumps(meta) if not isinstance(meta, str) else meta
-    md = {bank_mod.META_KEY: meta_json,
-          bank_mod.HASH_KEY: bank_mod._digest(meta_json, tensors) if digest else "0" * 64}
+    md = {bankfile.META_KEY: meta_json,
+          bankfile.HASH_KEY: bankfile.digest(meta_json, tensors) if digest else "0" * 64}
     hdr["__metadata__"] = md
     hdr.update(header)
     hb = header_bytes if header_bytes is not None else json.dumps(hdr).encode()
@@ -182,8 +182,8 @@ def _craft(header: dict, meta: dict, tensors: dict, *, data: bytes = None,
 
 def _parts(K=3, L=2, d=8):
     b = make_bank(K, L, d)
-    tensors = {t: getattr(b, t).clone() for t in bank_mod.TENSORS}
-    return b._header(), tensors
+    tensors = {t: getattr(b, t).clone() for t in bankfile.TENSORS}
+    return bankfile.bank_header(b._fields()), tensors
 
 
 def _crafted_cases():
@@ -205,7 +205,7 @@ def _crafted_cases():
     # sizes the file only claims
     add("header length 2^64-1", length=2**64 - 1)
     add("header length 2^63", length=2**63)
-    add("header length just under the limit", length=bank_mod.MAX_HEADER_BYTES - 8)
+    add("header length just under the limit", length=bankfile.MAX_HEADER_BYTES - 8)
     add("header length one past the file", length=10**6)
     huge = {"dtype": "F32", "shape": [2**39, 2**39, 2**39], "data_offsets": [0, 4 * 2**117]}
     add("shape 2^39 cubed", header={"directions": huge})
@@ -241,8 +241,8 @@ def _crafted_cases():
     add("header a JSON list", header_bytes=b"[1, 2, 3]")
     add("header without metadata", header_bytes=json.dumps({
         k: {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]} for k in t}).encode())
-    add("metadata values not strings", header={"__metadata__": {bank_mod.META_KEY: {"a": 1},
-                                                                bank_mod.HASH_KEY: 5}})
+    add("metadata values not strings", header={"__metadata__": {bankfile.META_KEY: {"a": 1},
+                                                                bankfile.HASH_KEY: 5}})
     # well-formed container, bad bank (checksum recomputed, so the contents are reached)
     add("bank metadata not JSON", meta="{broken")
     add("bank metadata with NaN", meta='{"format": "steerkernel.bank", "version": 1, '
@@ -359,7 +359,7 @@ def test_many_concepts_load_in_linear_time(tmp_path):
     t = {"directions": torch.ones(1, K, 1), "baseline_mean": torch.zeros(1, K),
          "baseline_std": torch.ones(1, K), "vector_norms": torch.ones(1, K),
          "resid_norm": torch.ones(1)}
-    meta = {"format": bank_mod.FORMAT, "version": bank_mod.VERSION, "names": names,
+    meta = {"format": bankfile.FORMAT, "version": bankfile.VERSION, "names": names,
             "layers": [0], "site": "resid_post", "default_layer": 0, "metadata": {},
             "fingerprint": {}}
     p = tmp_path / "wide.safetensors"
@@ -465,10 +465,11 @@ class _Boom:
 def _pickles(tmp_path):
     marker = tmp_path / "PWNED"
     b = make_bank()
-    bank_dict = {t: getattr(b, t) for t in bank_mod.TENSORS}
+    bank_dict = {t: getattr(b, t) for t in bankfile.TENSORS}
     files = {
         "bare object": _Boom(marker),
-        "bank dict with a payload": {**bank_dict, "bank": b._header(), "x": _Boom(marker)},
+        "bank dict with a payload": {**bank_dict, "bank": bankfile.bank_header(b._fields()),
+                                     "x": _Boom(marker)},
         "payload as the bank header": {**bank_dict, "bank": _Boom(marker)},
         "vector dict with a payload": {"1": torch.ones(8), "2": _Boom(marker)},
     }

@@ -35,7 +35,9 @@ def test_cmake_build_and_load(tmp_path):
         outs = []
         for fn in (torch.ops.steerkernel.junction, junction_reference_):
             rr = r.clone(); s = torch.empty(T, K); n = torch.empty(T); o = torch.empty(T, d)
-            fn(rr, V, x, slot, shift, lo, hi, None, None, None, None, w, 1e-6, s, n, o)
+            fn(residual=rr, V=V, x=x, slot=slot, shift=shift, lo=lo, hi=hi, gate_concept=None,
+               gate_threshold=None, gate_above=None, latch=None, weight=w, eps=1e-6, scores=s,
+               norms=n, out=o)
             outs.append((rr, s, n, o))
         for a, b in zip(*outs):
             assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), (a - b).abs().max()
@@ -54,8 +56,9 @@ def test_setup_declares_required_layout():
 def test_cpu_op_is_built_with_openmp():
     """at::parallel_for only spreads rows over threads in a file compiled with OpenMP: without
     -fopenmp the CPU op silently runs on one thread whatever torch.set_num_threads says."""
-    import steerkernel._C as ext
+    from steerkernel.backends import native
 
+    ext = native.load("_C")
     with open(ext.__file__, "rb") as f:
         data = f.read()
     assert b"GOMP_parallel" in data, f"{ext.__file__} was built without OpenMP"

@@ -706,8 +706,6 @@ CHILD = textwrap.dedent(r'''
     if OP == "junction_triton":
         backends.resolve(torch.device(DEVICE), "triton")
     op = getattr(torch.ops.steerkernel, OP).default
-    ARGS = ("residual", "V", "x", "slot", "shift", "lo", "hi", "gate_concept",
-            "gate_threshold", "gate_above", "latch", "weight", "eps", "scores", "norms", "out")
 
     def say(*a):
         print(*a, flush=True)
@@ -719,7 +717,7 @@ CHILD = textwrap.dedent(r'''
         return t.clone()
 
     def call(kw):
-        return op(*[kw.get(a) for a in ARGS])
+        return op(**kw)
 
     GUARD_LIB
     results = {"rejected": [], "guarded": [], "errors": []}
@@ -985,14 +983,11 @@ def test_raw_ops_still_run_on_all_meta_tensors():
     """All-meta raw calls (shape propagation) keep working through the fake impl."""
     kw = {k: (v.to("meta") if isinstance(v, torch.Tensor) else v)
           for k, v in good_kwargs().items()}
-    args = [kw[a] for a in ("residual", "V", "x", "slot", "shift", "lo", "hi", "gate_concept",
-                            "gate_threshold", "gate_above", "latch", "weight", "eps", "scores",
-                            "norms", "out")]
     ops = [torch.ops.steerkernel.junction_reference.default]
     if HAS_CPU:
         ops.append(torch.ops.steerkernel.junction.default)
     for op in ops:
-        assert op(*args) is None
+        assert op(**kw) is None
 
 
 # --------------------------------------------------------------------------- steering specs

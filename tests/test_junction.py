@@ -12,7 +12,7 @@ import torch
 
 import steerkernel
 from steerkernel import backends
-from steerkernel.ops import junction
+from steerkernel.ops import JunctionArgs, junction
 from steerkernel.testing import (KINDS, SCORE_TOLERANCES, TOLERANCES, assert_close,
                                  check_backend, make_case, run_case, to_device)
 
@@ -273,8 +273,53 @@ def test_native_op_checks_direct_calls():
     r = torch.zeros(4, 8)
     V = torch.zeros(2, 9)
     with pytest.raises(RuntimeError, match="V must be"):
-        torch.ops.steerkernel.junction(r, V, None, None, None, None, None, None, None, None,
-                                       None, None, 1e-6, torch.zeros(4, 2), torch.zeros(4), None)
+        torch.ops.steerkernel.junction(*JunctionArgs(residual=r, V=V, scores=torch.zeros(4, 2),
+                                                     norms=torch.zeros(4)))
+
+
+# ----------------------------------------------------------------------------- no V: add + norm
+NO_V = [("reference", "cpu")] + NATIVE
+
+
+@pytest.mark.parametrize("backend,device", NO_V, ids=[b for b, _ in NO_V])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t)[6:])
+@pytest.mark.parametrize("with_x,with_norm", [(True, True), (True, False), (False, True)])
+def test_plain_add_rmsnorm_without_V(backend, device, dtype, with_x, with_norm):
+    """V None (K = 0): the fused add + RMSNorm alone, no scores, against the reference (and,
+    for the residual, bit-identical to torch's ``residual + x``)."""
+    for T, d in ((1, 64), (37, 577), (130, 4096)):
+        case = make_case(T, d, 0, dtype, slots="none", with_x=with_x, with_norm=with_norm,
+                         weight_dtype=torch.float32 if d == 577 else None, seed=T,
+                         device=device)
+        check_backend(case, backend)
+        got = run_case(case, backend)
+        kw = case.kwargs
+        assert got["scores"] is None
+        expected = kw["residual"] + kw["x"] if with_x else kw["residual"]
+        assert torch.equal(got["residual"], expected)
+
+
+@pytest.mark.parametrize("backend,device", NO_V, ids=[b for b, _ in NO_V])
+def test_without_V_steering_and_scores_are_refused(backend, device):
+    r = torch.zeros(3, 8, device=device)
+    slot = torch.ones(3, dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="slot given without V"):
+        junction(r, None, slot=slot, shift=torch.zeros(2, 1, device=device), backend=backend)
+    with pytest.raises(ValueError, match="scores given without V"):
+        junction(r, None, scores=torch.zeros(3, 0, device=device), backend=backend)
+
+
+@pytest.mark.skipif(not backends.backend_status()["cpu"][0], reason="no C++ CPU backend")
+def test_native_op_pairs_V_with_scores():
+    r, n = torch.zeros(4, 8), torch.zeros(4)
+    V = torch.eye(8)[:2].contiguous()
+    op = torch.ops.steerkernel.junction.default
+    with pytest.raises(RuntimeError, match="V given without scores"):
+        op(*JunctionArgs(residual=r, V=V, norms=n))
+    with pytest.raises(RuntimeError, match="scores given without V"):
+        op(*JunctionArgs(residual=r, scores=torch.zeros(4, 2), norms=n))
+    op(*JunctionArgs(residual=r, norms=n))  # a plain add (nothing to add): norms only
+    assert torch.equal(n, torch.zeros(4))
 
 
 # ----------------------------------------------------------------------------- selection
@@ -295,7 +340,7 @@ def test_backend_selection_and_env(monkeypatch):
 def _op_args(case):
     from steerkernel.ops.junction import prepare_junction
 
-    return prepare_junction(**case.kwargs)[1:]
+    return tuple(prepare_junction(**case.kwargs).args)
 
 
 OPS = [("junction_reference", "cpu")] + [("junction", d) for b, d in NATIVE if b != "triton"]
@@ -337,3 +382,33 @@ def test_public_api_names():
     params = list(inspect.signature(steerkernel.ops.junction).parameters)
     assert params[:13] == ["residual", "V", "x", "slot", "shift", "lo", "hi", "gate_concept",
                            "gate_threshold", "gate_above", "weight", "eps", "backend"]
+
+
+# ----------------------------------------------------------------------------- one contract
+SCHEMA_OPS = ["junction_reference"] + (["junction"] if NATIVE else []) + \
+    (["junction_triton"] if backends.backend_status()["triton"][0] else [])
+
+
+@pytest.mark.parametrize("name", SCHEMA_OPS)
+def test_every_op_has_the_generated_schema(name):
+    """The schema of every registered junction op (the C++ one is spelled in csrc/ops.cpp) is
+    the one generated from steerkernel/ops/args.py."""
+    from steerkernel.ops.args import SCHEMA
+
+    got = getattr(torch.ops.steerkernel, name).default._schema
+    want = torch._C.parse_schema(f"steerkernel::{name}{SCHEMA}")
+    assert str(got) == str(want)
+    assert got == want
+
+
+def test_argument_table_drives_the_python_signatures():
+    import inspect
+
+    from steerkernel.ops import ARGS, JunctionArgs, junction_reference_
+
+    names = [a.name for a in ARGS]
+    assert list(JunctionArgs._fields) == names
+    assert list(inspect.signature(junction_reference_).parameters) == names
+    assert set(inspect.signature(steerkernel.ops.junction).parameters) >= set(names)
+    assert JunctionArgs(residual=None).eps == 1e-6
+

@@ -275,7 +275,7 @@ def test_latch_is_read_as_of_call_start(path, knobs):
 def _raw_args(case):
     from steerkernel.ops.junction import prepare_junction
 
-    return list(prepare_junction(**case.kwargs, backend="reference")[1:])
+    return prepare_junction(**case.kwargs, backend="reference").args
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -285,18 +285,19 @@ def test_out_of_range_slots_and_gate_concepts_via_raw_op(path, knobs):
     knobs(path)
     case = make_case(33, 64, 5, F32, P=6, gate="mixed", latch=True, slots="all", seed=9)
     args = _raw_args(case)
-    slot, gc, latch = args[3], args[7], args[10]
+    slot = args.slot
     slot[::4] = torch.tensor([-1, 6, 2**31 - 1, -(2**31), 7, -5, 100, 6, 1])[: slot[::4].numel()]
-    gc[:] = torch.tensor([-1, 5, -2, 1, 99, 0], dtype=torch.int32)
-    latch[:] = torch.tensor([0, 0, 3, 0, 1, 0], dtype=torch.int32)
-    ref = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
-    junction_reference_(*ref)
-    got = [a.to(DEVICE).clone() if isinstance(a, torch.Tensor) else a for a in args]
-    tj.junction_triton_(*got)
-    for i, name, tol in ((0, "residual", TOLERANCES[F32]), (13, "scores", SCORE_TOLERANCES[F32]),
-                         (14, "norms", SCORE_TOLERANCES[F32]), (15, "out", TOLERANCES[F32])):
-        assert_close(got[i], ref[i], tol, name)
-    assert torch.equal(got[10].cpu(), ref[10])
+    args.gate_concept[:] = torch.tensor([-1, 5, -2, 1, 99, 0], dtype=torch.int32)
+    args.latch[:] = torch.tensor([0, 0, 3, 0, 1, 0], dtype=torch.int32)
+    ref = {k: a.clone() if isinstance(a, torch.Tensor) else a for k, a in args._asdict().items()}
+    junction_reference_(**ref)
+    got = {k: a.to(DEVICE).clone() if isinstance(a, torch.Tensor) else a
+           for k, a in args._asdict().items()}
+    tj.junction_triton_(**got)
+    for name, tol in (("residual", TOLERANCES[F32]), ("scores", SCORE_TOLERANCES[F32]),
+                      ("norms", SCORE_TOLERANCES[F32]), ("out", TOLERANCES[F32])):
+        assert_close(got[name], ref[name], tol, name)
+    assert torch.equal(got["latch"].cpu(), ref["latch"])
 
 
 def test_path_choice(monkeypatch):
@@ -309,8 +310,22 @@ def test_path_choice(monkeypatch):
     r = torch.zeros(64, 32, device=DEVICE)
     V = torch.nn.functional.normalize(torch.ones(300, 32), dim=1).to(DEVICE)
     with pytest.raises(ValueError, match="K <= 256"):
-        tj.junction_triton_(r, V, *([None] * 10), 1e-6, torch.empty(64, 300, device=DEVICE),
-                            torch.empty(64, device=DEVICE), None, path="tile")
+        tj.junction_triton_(residual=r, V=V, scores=torch.empty(64, 300, device=DEVICE),
+                            norms=torch.empty(64, device=DEVICE), path="tile")
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+def test_plain_add_rmsnorm_without_V(path, dtype, knobs):
+    """V None (K = 0): every kernel is the fused add + RMSNorm alone, as the reference."""
+    knobs(path, **_fast(70))
+    for T, d, with_x in ((3, 96, True), (70, 200, True), (5, 96, False)):
+        case = make_case(T, d, 0, dtype, slots="none", with_x=with_x, seed=T, device=DEVICE)
+        check_backend(case, "triton")
+        got = run_case(case, "triton")
+        assert got["scores"] is None
+        expect = case.kwargs["residual"] + case.kwargs["x"] if with_x else case.kwargs["residual"]
+        assert torch.equal(got["residual"], expect)
 
 
 # ----------------------------------------------------------------------------- GPU arithmetic

@@ -1,5 +1,10 @@
 """Which junction backends exist on this machine, and which one a call uses.
 
+This package only discovers and chooses: probing a backend loads it, and a loaded backend
+registers its op with :mod:`steerkernel.ops.library` (the native extensions define theirs in C++;
+:mod:`.triton_junction` implements ``steerkernel::junction_triton`` when imported).  Importing
+it installs :func:`resolve` as the chooser that :func:`steerkernel.ops.junction` consults.
+
 Automatic choice, best first: CUDA tensors -> ``cuda`` (C++ extension) > ``triton`` >
 ``reference``; CPU tensors -> ``cpu`` (C++ extension) > ``reference``.  The environment
 variable ``STEERKERNEL_BACKEND`` (or the ``backend=`` argument, which wins) forces one; a forced
@@ -7,6 +12,7 @@ backend that cannot run gives an error saying why.
 """
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Dict, Optional, Tuple
 
@@ -49,7 +55,10 @@ def _probe_cpu_ext() -> Tuple[bool, str]:
         mod = native.load("_C")
     except native.NativeUnavailable as e:
         return False, f"C++ extension steerkernel._C unavailable: {e}"
-    library.register_native_fake()
+    try:
+        library.register_backend("cpu", torch.ops.steerkernel.junction.default)
+    except RuntimeError as e:
+        return False, f"C++ extension steerkernel._C does not fit this package: {e}"
     return True, f"{mod.simd_description()}; {_how('_C')}"
 
 
@@ -67,6 +76,7 @@ def _probe_cuda_ext() -> Tuple[bool, str]:
         native.load("_C_cuda")
     except native.NativeUnavailable as e:
         return False, f"CUDA extension steerkernel._C_cuda unavailable: {e}"
+    library.register_backend("cuda", torch.ops.steerkernel.junction.default)  # (checked: _C)
     return True, f"GPU: {torch.cuda.get_device_name()}; {_how('_C_cuda')}"
 
 
@@ -84,11 +94,17 @@ def _probe_triton() -> Tuple[bool, str]:
     except ImportError as e:
         return False, f"triton is not installed ({e})"
     if torch.cuda.is_available():
-        return True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
-    if triton_interpreted():
-        return True, f"triton {triton.__version__} under TRITON_INTERPRET=1 (CPU, for tests)"
-    return False, ("no GPU for triton; set TRITON_INTERPRET=1 before importing triton to run "
-                   "its kernels on CPU (slow; for tests)")
+        where = f"on {torch.cuda.get_device_name()}"
+    elif triton_interpreted():
+        where = "under TRITON_INTERPRET=1 (CPU, for tests)"
+    else:
+        return False, ("no GPU for triton; set TRITON_INTERPRET=1 before importing triton to "
+                       "run its kernels on CPU (slow; for tests)")
+    try:
+        importlib.import_module(".triton_junction", __name__)  # registers its op
+    except Exception as e:  # noqa: BLE001 - e.g. a triton release without a needed API
+        return False, f"the triton kernels do not load with triton {triton.__version__}: {e}"
+    return True, f"triton {triton.__version__} {where}"
 
 
 def backend_status() -> Dict[str, Tuple[bool, str]]:
@@ -137,10 +153,22 @@ def resolve(device: torch.device, requested: Optional[str] = None) -> str:
     return "reference"
 
 
+_PROBES = {"cpu": _cpu_ext, "cuda": _cuda_ext, "triton": _triton}
+
+
 def op_for(name: str):
-    """The torch op overload that implements backend ``name``."""
-    if name == "reference":
-        return torch.ops.steerkernel.junction_reference.default
-    if name == "triton":
-        return torch.ops.steerkernel.junction_triton.default
-    return torch.ops.steerkernel.junction.default
+    """The torch op overload that implements backend ``name`` (loading the backend first).
+
+    Raises :class:`BackendUnavailable` when it cannot run here."""
+    op = library.registered_op(name)
+    if op is None:
+        if name not in _PROBES:
+            raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
+        ok, why = _PROBES[name]()
+        op = library.registered_op(name)
+        if not ok or op is None:
+            raise BackendUnavailable(f"backend {name!r} is unavailable: {why}")
+    return op
+
+
+library.set_chooser(resolve)

@@ -1,23 +1,16 @@
 """Triton junction kernels (GPU; on CPU under ``TRITON_INTERPRET=1`` for tests).
 
-Implements ``steerkernel::junction_triton`` with exactly the semantics of
-:func:`steerkernel.ops.reference.junction_reference_` (docs/design.md §2).  Per token row ``t`` of a
-``[T, d]`` hidden state, in fp32::
+Importing this module implements ``steerkernel::junction_triton`` (defined, with the shared
+argument list, in :mod:`steerkernel.ops.library`) and registers it as backend ``triton``.  The
+math is docs/design.md §2, with exactly the semantics of the reference
+(:func:`steerkernel.ops.reference.junction_reference_`); all arithmetic fp32.
 
-    h          = rne(residual[t] + x[t])               # rounded once to the residual dtype
-    p          = V · h                                 # V [K, d]           -> p [K]
-    scores[t]  = p ; norms[t] = ||h||                  # pre-intervention readout
-    s          = slot[t]  (0 when outside [0, P))
-    apply      = s != 0 and (gate_concept[s] == -1 or latch[s] != 0 or gate fires)
-    if apply:  h = rne(h + Vᵀ (clamp(p + shift[s], lo[s], hi[s]) - p))
-    residual[t] = h
-    out[t]     = rne(h * rsqrt(mean(h²) + eps) * weight)
-
-``rne`` is one round-to-nearest-even into the residual dtype of an fp32 value, so slot-0 rows
-are bit-identical to torch's ``residual + x``.  Every later read of ``h`` (projection, norm,
-update) sees the stored value.  The clamp is ``where(q < lo, lo, q)`` then ``where(q > hi, hi,
-q)`` (NaN propagates, like ``torch.clamp``).  A gate fires when ``p[g] > thr`` (above) or
-``p[g] < thr`` (below), never on equality; gate concepts outside ``[0, K)`` never fire.
+Rounding: every store of ``h`` is one round-to-nearest-even of an fp32 value into the residual
+dtype (``rne``), so slot-0 rows are bit-identical to torch's ``residual + x``, and every later
+read of ``h`` (projection, norm, update) sees the stored value.  The clamp is ``where(q < lo,
+lo, q)`` then ``where(q > hi, hi, q)`` (NaN propagates, like ``torch.clamp``).  Slots outside
+``[0, P)`` act as slot 0 and gate concepts outside ``[-1, K)`` never fire.  Without V
+(``K = 0``) the projection loops are empty: a plain add + RMSNorm.
 Decisions read the latch as of call start; each kernel writes the slots whose gate fired into
 a zeroed scratch ``fired [P]`` and the launcher then sets ``latch[fired != 0] = 1`` (one torch op
 on the same stream, so the call stays CUDA-graph capturable and deterministic).
@@ -68,10 +61,13 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import Tensor
 
 import triton
 import triton.language as tl
+
+from ..ops import library
+from ..ops.args import JunctionArgs
+from ..ops.checks import MODEL_DTYPES, Dims, check_structure
 
 # ----------------------------------------------------------------------------- tuning knobs
 #: Force a kernel for every call: None (automatic), "row", "chunked" or "tile" (tests).
@@ -92,10 +88,6 @@ TILE_MIN_K = 8
 TILE_MAX_K = 256
 #: Software-pipelining depth of the tile kernel's loops.
 TILE_NUM_STAGES = 2
-
-_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
-              torch.float16: tl.float16}
-
 
 # ----------------------------------------------------------------------------- jit helpers
 @triton.jit
@@ -182,11 +174,9 @@ def _valid_slot(s, P):
 @triton.jit
 def _decide(s, gc, pg, thr_ptr, above_ptr, latch_ptr, fired_ptr, K,
             HAS_GATE: tl.constexpr, HAS_LATCH: tl.constexpr):
-    """Whether each row is steered (``s``, ``gc``, ``pg``: scalars or ``[BT]``).
-
-    ``apply = s != 0 and (gc == -1 or latch[s] != 0 or fires)`` with
-    ``fires = s != 0 and 0 <= gc < K and (pg > thr[s] if above[s] else pg < thr[s])``;
-    writes ``fired[s] = 1`` for firing rows (the latch itself is only read).
+    """Whether each row is steered (``s``, ``gc``, ``pg``: scalars or ``[BT]``): slot
+    ``s != 0`` and its gate open (docs/design.md §2; ``pg`` is the gate concept's projection).
+    Writes ``fired[s] = 1`` for firing rows; the latch itself is only read.
     """
     steer = s != 0
     if HAS_GATE:
@@ -607,119 +597,38 @@ def tile_config(kp: int, v_split: bool = True) -> dict:
                 num_warps=warps)
 
 
-def _fail(msg: str):
-    raise RuntimeError(f"steerkernel.junction_triton: {msg}")
+def junction_triton_(*args, path: Optional[str] = None, **kwargs) -> None:
+    """A raw ``steerkernel::junction_triton`` call: the op's arguments
+    (:class:`~steerkernel.ops.args.JunctionArgs`, positional or by keyword).
 
-
-def _check_rows(t: Tensor, name: str, T: int, d: int, dtype, dev) -> None:
-    if t.dim() != 2 or tuple(t.shape) != (T, d) or t.dtype != dtype or t.device != dev:
-        _fail(f"{name} must be [{T}, {d}] {dtype} on {dev}, got {tuple(t.shape)} {t.dtype} "
-              f"on {t.device}")
-    if d > 1 and t.stride(1) != 1:
-        _fail(f"{name} must have unit stride along its last dim")
-    if T > 1 and t.stride(0) < d:
-        _fail(f"{name} has overlapping rows")
-
-
-def _check_vec(t: Optional[Tensor], name: str, n: int, dtype, dev) -> None:
-    if t is None:
-        return
-    if t.dim() != 1 or t.shape[0] != n or t.dtype != dtype:
-        _fail(f"{name} must be [{n}] {dtype}, got {tuple(t.shape)} {t.dtype}")
-    if t.device != dev or not t.is_contiguous():
-        _fail(f"{name} must be contiguous and on the residual's device")
-
-
-def check_args(residual, V, x, slot, shift, lo, hi, gate_concept, gate_threshold, gate_above,
-               latch, weight, scores, norms, out) -> int:
-    """Metadata checks of a raw call (as csrc/checks.cpp does for the C++ op); returns P.
-
-    Shapes, dtypes, devices and strides only (no device sync); raises ``RuntimeError``
-    before anything is written.  Values (slot ranges, NaN tables) are the public wrapper's.
+    Checks the metadata with the shared :func:`~steerkernel.ops.checks.check_structure`
+    (``RuntimeError`` before any write; values are the public wrapper's) and runs
+    :func:`launch`.  ``path`` ("row", "chunked", "tile") forces a kernel.
     """
-    dev = residual.device
-    if residual.dtype not in _TL_DTYPES:
-        _fail(f"residual must be float32, bfloat16 or float16, got {residual.dtype}")
-    if residual.dim() != 2:
-        _fail(f"residual must be 2-D, got shape {tuple(residual.shape)}")
-    T, d = residual.shape
-    _check_rows(residual, "residual", T, d, residual.dtype, dev)
-    if V.dim() != 2 or V.shape[1] != d or V.shape[0] == 0:
-        _fail(f"V must be [K, {d}] with K > 0, got {tuple(V.shape)}")
-    if V.dtype not in (torch.float32, residual.dtype):
-        _fail(f"V must be float32 or the residual's dtype, got {V.dtype}")
-    if not V.is_contiguous() or V.device != dev:
-        _fail("V must be contiguous and on the residual's device")
-    K = V.shape[0]
-    if x is not None:
-        _check_rows(x, "x", T, d, residual.dtype, dev)
-    P = 0
-    if slot is not None:
-        _check_vec(slot, "slot", T, torch.int32, dev)
-        if shift is None or lo is None or hi is None:
-            _fail("slot needs shift, lo and hi")
-        P = shift.shape[0] if shift.dim() == 2 else -1
-        if P <= 0:
-            _fail("shift / lo / hi must be [P, K] with P > 0")
-        for name, t in (("shift", shift), ("lo", lo), ("hi", hi)):
-            if (tuple(t.shape) != (P, K) or t.dtype != torch.float32 or not t.is_contiguous()
-                    or t.device != dev):
-                _fail(f"{name} must be contiguous float32 [{P}, {K}] on the residual's device")
-        if gate_concept is not None:
-            _check_vec(gate_concept, "gate_concept", P, torch.int32, dev)
-            if gate_threshold is None or gate_above is None:
-                _fail("a gate needs gate_threshold and gate_above")
-            _check_vec(gate_threshold, "gate_threshold", P, torch.float32, dev)
-            _check_vec(gate_above, "gate_above", P, torch.bool, dev)
-            _check_vec(latch, "latch", P, torch.int32, dev)
-        elif latch is not None:
-            _fail("latch needs a gate")
-    if weight is not None:
-        if weight.dtype not in (torch.float32, residual.dtype):
-            _fail(f"weight must be float32 or the residual's dtype, got {weight.dtype}")
-        _check_vec(weight, "weight", d, weight.dtype, dev)
-    if (scores.dim() != 2 or tuple(scores.shape) != (T, K) or scores.dtype != torch.float32
-            or scores.device != dev):
-        _fail(f"scores must be float32 [{T}, {K}] on the residual's device")
-    if norms.dim() != 1 or norms.shape[0] != T or norms.dtype != torch.float32 \
-            or norms.device != dev:
-        _fail(f"norms must be float32 [{T}] on the residual's device")
-    if out is not None:
-        if weight is None:
-            _fail("out needs weight")
-        _check_rows(out, "out", T, d, residual.dtype, dev)
-    return P
+    call = JunctionArgs(*args, **kwargs)
+    launch(call, check_structure(call, MODEL_DTYPES, complete=True), path=path)
 
 
-def junction_triton_(
-    residual: Tensor, V: Tensor, x: Optional[Tensor], slot: Optional[Tensor],
-    shift: Optional[Tensor], lo: Optional[Tensor], hi: Optional[Tensor],
-    gate_concept: Optional[Tensor], gate_threshold: Optional[Tensor],
-    gate_above: Optional[Tensor], latch: Optional[Tensor], weight: Optional[Tensor],
-    eps: float, scores: Tensor, norms: Tensor, out: Optional[Tensor],
-    *, path: Optional[str] = None,
-) -> None:
-    """Launch the Triton junction (argument list of ``steerkernel::junction_triton``).
-
-    Writes ``residual`` (in place), ``scores``, ``norms``, ``out`` and ``latch``.  Metadata
-    are checked (:func:`check_args`, ``RuntimeError`` before any write); values are taken as
-    :func:`steerkernel.ops.junction.prepare_junction` leaves them, except that slots outside
-    ``[0, P)`` act as slot 0 and gate concepts outside ``[0, K)`` never fire.  ``path``
-    ("row", "chunked", "tile") forces a kernel; by default :func:`choose_path` picks one.
+def launch(call: JunctionArgs, dims: Dims, *, path: Optional[str] = None) -> None:
+    """Launch the kernels on a call that :func:`check_structure` accepted (``dims``: its
+    sizes).  Writes ``residual`` (in place), ``scores``, ``norms``, ``out`` and ``latch``; slots
+    outside ``[0, P)`` act as slot 0 and gate concepts outside ``[-1, K)`` never fire.  By
+    default :func:`choose_path` picks the kernel.
     """
-    P = check_args(residual, V, x, slot, shift, lo, hi, gate_concept, gate_threshold,
-                   gate_above, latch, weight, scores, norms, out)
-    T, d = residual.shape
-    K = V.shape[0]
+    T, d, K, P = dims
     if T == 0:
         return
+    (residual, V, x, slot, shift, lo, hi, gate_concept, gate_threshold, gate_above, latch,
+     weight, eps, scores, norms, out) = call
     dev = residual.device
     has_x = x is not None
     has_slot = slot is not None
     has_gate = has_slot and gate_concept is not None
     has_latch = has_gate and latch is not None
     has_w = weight is not None and out is not None
-    dummy = residual
+    dummy = norms  # any fp32 tensor: pointer of an argument the kernel never reads
+    v_ = V if V is not None else dummy
+    scores_, sc_s0, sc_s1 = (scores, scores.stride(0), scores.stride(1)) if K else (dummy, 0, 0)
     if has_slot:
         slot_, shift_, lo_, hi_ = slot, shift, lo, hi
     else:
@@ -738,10 +647,10 @@ def junction_triton_(
     w_ = weight if has_w else dummy
     out_ = out if has_w else dummy
     args = (residual, residual.stride(0), x if has_x else dummy,
-            x.stride(0) if has_x else 0, V,
+            x.stride(0) if has_x else 0, v_,
             slot_, shift_, lo_, hi_, gc_, thr_, above_, latch_, fired,
             w_, out_, out_.stride(0) if has_w else 0,
-            scores, scores.stride(0), scores.stride(1), norms, norms.stride(0))
+            scores_, sc_s0, sc_s1, norms, norms.stride(0))
     flags = dict(HAS_X=has_x, HAS_SLOT=has_slot, HAS_GATE=has_gate, HAS_LATCH=has_latch,
                  HAS_W=has_w)
     which = path or choose_path(T, d, K, P)
@@ -759,15 +668,23 @@ def junction_triton_(
         if not _tile_fits(d, K, P):
             raise ValueError(f"triton junction: the tile kernel takes K <= {TILE_MAX_K} and "
                              f"K*d, P*K < 2^31 (got K={K}, d={d}, P={P})")
-        cfg = tile_config(max(16, kp), V.dtype == torch.float32)
+        v_split = v_.dtype == torch.float32
+        cfg = tile_config(max(16, kp), v_split)
         n_prog = triton.cdiv(T, cfg["BLOCK_T"])
         dq = (torch.empty((n_prog * cfg["BLOCK_T"], cfg["BLOCK_K"]), dtype=torch.float32,
-                          device=dev) if has_slot else scores)
+                          device=dev) if has_slot else scores_)
         _junction_tile_kernel[(n_prog,)](
             *args, dq, T, d, K, P, float(eps), **flags,
-            H_SPLIT=residual.dtype == torch.float32, V_SPLIT=V.dtype == torch.float32,
+            H_SPLIT=residual.dtype == torch.float32, V_SPLIT=v_split,
             num_stages=TILE_NUM_STAGES, **cfg)
     else:
         raise ValueError(f"triton junction: unknown path {which!r} (row, chunked, tile)")
     if has_latch:
         latch.masked_fill_(fired != 0, 1)
+
+
+# Triton runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (tests).
+_lib = torch.library.Library("steerkernel", "IMPL")
+_lib.impl("junction_triton", junction_triton_, "CUDA")
+_lib.impl("junction_triton", junction_triton_, "CPU")
+library.register_backend("triton", torch.ops.steerkernel.junction_triton.default)

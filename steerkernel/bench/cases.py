@@ -334,12 +334,11 @@ def junction_impls(case: JunctionCase, device: str, *, compile: bool = True) -> 
         op = backends.op_for(b)
 
         def prepare(s, b=b):
-            kw = {k: v for k, v in s.items()}
-            return prepare_junction(**kw, eps=EPS, backend=b, check_values=False)[1:]
+            return prepare_junction(**s, eps=EPS, backend=b, check_values=False).args
 
         impls.append(Impl(f"fused_{b}", "kernel", work, prepare, lambda a, op=op: op(*a),
-                          lambda a, ret: dict(residual=a[0], scores=a[13], norms=a[14],
-                                              out=a[15])))
+                          lambda a, ret: dict(residual=a.residual, scores=a.scores,
+                                              norms=a.norms, out=a.out)))
     chain = make_chain(steer, norm)
     impls.append(Impl("chain_eager", "baseline", work, _chain_args, lambda a: chain(*a),
                       _chain_outputs))

@@ -13,7 +13,7 @@ import os
 from collections import defaultdict
 from typing import Dict, List, Optional
 
-from .runner import RESULTS_DIR
+from .schema import RESULTS_DIR
 
 #: docs/design.md §6 CPU target grid: the kernel >= 2x faster than the unfused chain at T >= 64.
 TARGET_D = (576, 2048, 4096)

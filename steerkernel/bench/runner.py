@@ -23,10 +23,10 @@ import torch
 from ..testing import Tol, assert_close
 from . import cases as C
 from .roofline import copy_bandwidth, gbps
+from .schema import RESULTS_DIR
 from .timing import rotating, time_cpu, time_cuda
 
 SCHEMA_VERSION = 1
-RESULTS_DIR = os.path.join(C.REPO_ROOT, "benchmarks", "results")
 
 #: Timer settings per size: CPU (seconds) and CUDA (milliseconds).
 CPU_TIMER = {"smoke": dict(warmup_s=0.001, budget_s=0.003, min_samples=3, min_sample_s=2e-5),
@@ -84,10 +84,11 @@ def machine_info(device: str) -> dict:
             "torch_threads": torch.get_num_threads(), "llc_bytes": llc_bytes(),
             "memory_gib": round(int(m.group(1)) / 2**20, 1) if m else None,
             "os": platform.platform(), "gpu": None, "gpu_count": 0}
+    from ..backends import native
+
     try:
-        import steerkernel._C as ext
-        info["cpu_kernel_simd"] = ext.simd_description()
-    except ImportError:
+        info["cpu_kernel_simd"] = native.load("_C").simd_description()
+    except native.NativeUnavailable:
         info["cpu_kernel_simd"] = None
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)

@@ -14,7 +14,9 @@ from typing import List, Optional
 
 from .cases import REPO_ROOT
 
-SCHEMA_PATH = os.path.join(REPO_ROOT, "benchmarks", "results", "schema.json")
+#: where result files are written and read (next to their schema)
+RESULTS_DIR = os.path.join(REPO_ROOT, "benchmarks", "results")
+SCHEMA_PATH = os.path.join(RESULTS_DIR, "schema.json")
 
 _TYPES = {
     "object": lambda v: isinstance(v, dict),

@@ -250,11 +250,3 @@ def summary_dict(g, names: List[str], li: int, layer: int, top: int) -> dict:
             "top_mean": None if mean_z is None else
             [[n, num(v)] for n, v in top_concepts(mean_z, names, top)],
             "alarms": [dict(a.to_dict(), generated_index=a.token - n_p) for a in g.alarms]}
-
-
-def show(text: str, width: int) -> str:
-    """A token's text for a table cell: escapes visible, fixed width."""
-    s = text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
-    if len(s) > width:
-        s = s[:width - 1] + "…"
-    return s.ljust(width)

@@ -13,7 +13,7 @@ import os
 import sys
 
 from ._common import (add_generation_options, add_model_options, add_monitor_options,
-                      add_prompt_options, prepare_generation, show, summary_dict, token_json)
+                      add_prompt_options, prepare_generation, summary_dict, token_json)
 
 
 def add_arguments(p) -> None:
@@ -26,7 +26,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..live import generate_monitored, top_concepts
+    from ..live import generate_monitored, token_cell, top_concepts
 
     g = prepare_generation(args)
     parsed, prompt, model, tok, bank = g["parsed"], g["prompt"], g["model"], g["tok"], g["bank"]
@@ -51,7 +51,7 @@ def run(args) -> int:
         else:
             cells = "  ".join(f"{n} {v:+.2f}" for n, v in top_concepts(rec.z[li], names,
                                                                        args.top))
-            out.write(f"{rec.index:>4}  {show(rec.text, width)}  {cells}\n")
+            out.write(f"{rec.index:>4}  {token_cell(rec.text, width)}  {cells}\n")
         out.flush()
 
     def on_alarm(row, ev):

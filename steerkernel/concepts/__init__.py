@@ -1,5 +1,6 @@
 """Concept banks: extraction, files, analysis and interop (see ``docs/concepts.md``)."""
-from .bank import ConceptBank, model_fingerprint
+from ..introspect import model_fingerprint
+from .bank import ConceptBank
 from .corpus import Corpus, CorpusError, load_corpus
 from .default import default_bank
 

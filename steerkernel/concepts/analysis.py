@@ -29,7 +29,8 @@ import torch
 from torch import Tensor
 
 from ..errors import UnknownConceptError
-from .bank import ConceptBank, atomic_write_bytes
+from ..fileio import atomic_write_bytes, save_png
+from .bank import ConceptBank
 from .corpus import Corpus, load_corpus
 
 #: the eight emotions the probe target is stated for (chance = 1/8)
@@ -196,14 +197,6 @@ def series_tracking(model, tokenizer, bank: ConceptBank, texts: Sequence[str], c
 
 
 # ------------------------------------------------------------------------------ plots
-def _save_png(fig, path: str) -> None:
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=130, bbox_inches="tight")
-    atomic_write_bytes(path, buf.getvalue())
-
-
 def plot_circumplex(bank: ConceptBank, path: str, layer: Optional[int] = None,
                     names: Optional[Sequence[str]] = None) -> None:
     """Concepts placed on PC1 x PC2 of the concept directions, coloured by valence."""
@@ -227,7 +220,7 @@ def plot_circumplex(bank: ConceptBank, path: str, layer: Optional[int] = None,
     ax.set_title(f"concept space at layer {pca['layer']}")
     ax.axhline(0, color="0.8", lw=0.8)
     ax.axvline(0, color="0.8", lw=0.8)
-    _save_png(fig, path)
+    save_png(fig, path)
     plt.close(fig)
 
 
@@ -253,7 +246,7 @@ def plot_probe_curve(per_layer: Dict[int, float], path: str, chance: Optional[fl
     ax.set_ylim(0, 1.02)
     ax.set_title(title)
     ax.legend(loc="lower right")
-    _save_png(fig, path)
+    save_png(fig, path)
     plt.close(fig)
 
 

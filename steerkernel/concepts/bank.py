@@ -15,42 +15,31 @@ Statistics may be NaN, meaning "unknown" (a bank imported from bare vectors and 
 calibrated); directions are always finite.  Steering that needs an unknown statistic fails
 with a clear error downstream.
 
-File format (``.safetensors``): tensors ``directions``, ``baseline_mean``, ``baseline_std``,
-``vector_norms``, ``resid_norm`` (all F32) and two header metadata strings:
-``steerkernel.bank`` (JSON: format, version, names, layers, site, default layer, metadata,
-fingerprint) and ``steerkernel.sha256`` (a digest of that JSON and every tensor's name, shape
-and bytes).  Loading parses and bounds-checks the header itself before reading any tensor data,
-so a truncated, bit-flipped or absurd file raises :class:`BankFormatError` without allocating
-more than the file's own size; nothing is ever unpickled.
+This module is the bank's data and algebra.  Its file format (``.safetensors`` with a checked
+header and digest; ``.pt``; GGUF control vectors) is :mod:`.bankfile`; the model fingerprint it
+records and checks is :mod:`steerkernel.introspect`.  Banks are made by
+:func:`steerkernel.concepts.extract.extract_bank` and imported from other tools' files by
+:mod:`steerkernel.concepts.interop`, which both build on this module (never the reverse).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import struct
-import tempfile
 from collections import Counter
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ..errors import BankFormatError, BankMismatchError, UnknownConceptError
+from ..fileio import PathLike, check_regular_file
+from ..introspect import FINGERPRINT_FIELDS, model_fingerprint, text_config, weight_hash
+from . import bankfile
 
-FORMAT = "steerkernel.bank"
-VERSION = 1
-TENSORS = ("directions", "baseline_mean", "baseline_std", "vector_norms", "resid_norm")
-META_KEY = "steerkernel.bank"
-HASH_KEY = "steerkernel.sha256"
-#: largest safetensors header we accept (the JSON part; names and metadata only)
-MAX_HEADER_BYTES = 64 << 20
 #: how far a stored direction's norm may be from 1
 UNIT_TOL = 1e-3
-FINGERPRINT_FIELDS = ("architecture", "hidden_size", "num_layers", "vocab_size", "weight_hash")
-PathLike = Union[str, os.PathLike]
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -77,151 +66,14 @@ def _as_int(name: str, value) -> int:
     return int(value)
 
 
-def _json_dump(obj) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
-
-
 def _check_json(name: str, obj) -> dict:
     if not isinstance(obj, Mapping):
         raise BankFormatError(f"bank {name} must be a dict, got {type(obj).__name__}")
     try:
-        return json.loads(_json_dump(dict(obj)))
+        return json.loads(bankfile.canonical_json(dict(obj)))
     except (TypeError, ValueError, RecursionError) as e:
         raise BankFormatError(f"bank {name} is not JSON-serialisable (no NaN/inf, str keys): "
                               f"{e}") from None
-
-
-def _digest(meta_json: str, tensors: Mapping[str, Tensor]) -> str:
-    h = hashlib.sha256(meta_json.encode("utf-8"))
-    for name in sorted(tensors):
-        t = tensors[name]
-        h.update(f"|{name}|{list(t.shape)}|".encode())
-        h.update(t.numpy().astype("<f4", copy=False).tobytes())
-    return h.hexdigest()
-
-
-def check_regular_file(path: str, what: str = "concept bank file") -> None:
-    """Raise a clear error unless ``path`` is an existing regular file (not a directory,
-    FIFO or device, which could block or stream forever)."""
-    import stat
-
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{what} {path!r} does not exist") from None
-    except OSError as e:  # symlink loops, permissions
-        raise BankFormatError(f"{what} {path!r} cannot be opened: {e.strerror or e}") from None
-    if stat.S_ISDIR(mode):
-        raise IsADirectoryError(f"{what} {path!r} is a directory, not a file")
-    if not stat.S_ISREG(mode):
-        raise BankFormatError(f"{what} {path!r} is not a regular file (a FIFO, socket or "
-                              "device)")
-
-
-def default_file_mode() -> int:
-    """The mode ``open(path, "w")`` would give a new file (0o666 minus the umask)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same directory + ``os.replace``,
-    so readers see either the old file or the complete new one."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"directory {folder!r} does not exist (writing {path!r})")
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
-    try:
-        os.fchmod(fd, default_file_mode())  # mkstemp makes it private; a plain open() would not
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-# ------------------------------------------------------------------------------ fingerprint
-def text_config(model):
-    """The text part of an HF model's config (the config itself for plain LMs)."""
-    cfg = getattr(model, "config", None)
-    if cfg is None:
-        raise BankMismatchError(f"{type(model).__name__} has no .config: not an HF model")
-    get = getattr(cfg, "get_text_config", None)
-    return get() if callable(get) else cfg
-
-
-def decoder_layers(model) -> torch.nn.ModuleList:
-    """The decoder-layer list of an HF causal LM: ``model.model.layers`` where it exists,
-    otherwise the first ``nn.ModuleList`` with ``num_hidden_layers`` entries."""
-    n = int(text_config(model).num_hidden_layers)
-    inner = getattr(getattr(model, "model", None), "layers", None)
-    if isinstance(inner, torch.nn.ModuleList) and len(inner) == n:
-        return inner
-    for _, mod in model.named_modules():
-        if isinstance(mod, torch.nn.ModuleList) and len(mod) == n and n > 0:
-            return mod
-    from ..errors import UnsupportedModelError
-
-    raise UnsupportedModelError(f"cannot find the {n} decoder layers of "
-                                f"{type(model).__name__} (no nn.ModuleList of that length)")
-
-
-def _sign_sample(t: Tensor, rows: int = 64) -> Optional[bytes]:
-    if t.is_meta:
-        return None
-    t = t.detach()
-    if t.dim() >= 2 and t.shape[0] > rows:
-        idx = torch.linspace(0, t.shape[0] - 1, rows, device=t.device).round().long()
-        t = t.index_select(0, idx)
-    bits = torch.signbit(t.float()).reshape(-1).cpu().numpy()
-    return f"{list(t.shape)}".encode() + np.packbits(bits).tobytes()
-
-
-def weight_hash(model) -> Optional[str]:
-    """A cheap deterministic hash of a model's weights (``None`` for meta/offloaded weights).
-
-    sha256 over the sign bits of 64 evenly spaced rows of the input embedding and of the first
-    parameter of the first and last decoder layers.  Sign bits survive any round-to-nearest
-    cast, so fp32 / bf16 / fp16 copies of the same weights hash alike, while different weights
-    (another model, a fine-tune, another quantisation) almost surely do not.
-    """
-    parts = []
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if emb is None or getattr(emb, "weight", None) is None:
-        return None
-    parts.append(_sign_sample(emb.weight))
-    layers = decoder_layers(model)
-    for layer in (layers[0], layers[-1]):
-        first = next(iter(layer.parameters()), None)
-        if first is not None:
-            parts.append(_sign_sample(first))
-    if any(p is None for p in parts):
-        return None
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(p)
-    return h.hexdigest()[:32]
-
-
-def model_fingerprint(model, with_hash: bool = True) -> dict:
-    """``{architecture, hidden_size, num_layers, vocab_size, weight_hash}`` of an HF model."""
-    cfg = text_config(model)
-    fp = {"architecture": type(model).__name__,
-          "hidden_size": int(cfg.hidden_size),
-          "num_layers": int(cfg.num_hidden_layers),
-          "vocab_size": int(getattr(cfg, "vocab_size", 0) or 0) or None,
-          "model_type": getattr(cfg, "model_type", None)}
-    if with_hash:
-        fp["weight_hash"] = weight_hash(model)
-    return fp
 
 
 # ------------------------------------------------------------------------------ the bank
@@ -239,7 +91,8 @@ class ConceptBank:
         default_layer: one of ``layers``; the layer used when none is named.
         site: where the directions live; ``"resid_post"`` (decoder-layer output).
         metadata: JSON-able dict (method, params, per-concept extras under ``"concepts"``).
-        fingerprint: the model the bank was made from (see :func:`model_fingerprint`).
+        fingerprint: the model the bank was made from (see
+            :func:`steerkernel.introspect.model_fingerprint`).
 
     Raises:
         BankFormatError: any field malformed (shapes disagree, non-unit or non-finite
@@ -405,11 +258,7 @@ class ConceptBank:
         return dict(c) if isinstance(c, Mapping) else {}
 
     def _replace(self, **kw) -> "ConceptBank":
-        args = dict(names=self.names, layers=self.layers, directions=self.directions,
-                    baseline_mean=self.baseline_mean, baseline_std=self.baseline_std,
-                    vector_norms=self.vector_norms, resid_norm=self.resid_norm,
-                    default_layer=self.default_layer, site=self.site, metadata=self.metadata,
-                    fingerprint=self.fingerprint)
+        args = self._fields()
         args.update(kw)
         return ConceptBank(**args)
 
@@ -541,173 +390,86 @@ class ConceptBank:
                              metadata=meta)
 
     # ---------------------------------------------------------------- files
-    def _tensors(self) -> Dict[str, Tensor]:
-        return {k: getattr(self, k).contiguous() for k in TENSORS}
-
-    def _header(self) -> dict:
-        return {"format": FORMAT, "version": VERSION, "names": self.names,
-                "layers": self.layers, "site": self.site, "default_layer": self.default_layer,
-                "metadata": self.metadata, "fingerprint": self.fingerprint}
+    def _fields(self) -> Dict[str, Any]:
+        """The constructor arguments of this bank."""
+        return dict(names=self.names, layers=self.layers, directions=self.directions,
+                    baseline_mean=self.baseline_mean, baseline_std=self.baseline_std,
+                    vector_norms=self.vector_norms, resid_norm=self.resid_norm,
+                    default_layer=self.default_layer, site=self.site, metadata=self.metadata,
+                    fingerprint=self.fingerprint)
 
     def save(self, path: PathLike) -> None:
         """Write the bank to ``path`` (``.safetensors``) atomically (temp file + rename)."""
-        from safetensors.torch import save
-
-        path = os.fspath(path)
-        if path.endswith((".pt", ".pth", ".gguf")):
-            raise BankFormatError(f"banks are saved as .safetensors, not {path!r} (see "
-                                  "steerkernel.concepts.interop for GGUF control vectors)")
-        tensors = self._tensors()
-        meta_json = _json_dump(self._header())
-        data = save(tensors, metadata={META_KEY: meta_json,
-                                       HASH_KEY: _digest(meta_json, tensors)})
-        atomic_write_bytes(path, data)
+        bankfile.write_bank_file(path, self._fields())
 
     @classmethod
     def load(cls, path: PathLike) -> "ConceptBank":
-        """Read a bank written by :meth:`save` (``.safetensors``), or a ``.pt`` dict of the same
-        tensors plus a ``"bank"`` header dict (read with ``weights_only=True``).  GGUF control
-        vectors and plain vector files go through :mod:`steerkernel.concepts.interop`.
+        """Read a bank written by :meth:`save` (``.safetensors``), a ``.pt`` dict of the same
+        tensors plus a ``"bank"`` header dict (read with ``weights_only=True``), or a GGUF
+        control vector (:meth:`from_gguf`).  Plain vector files go through
+        :mod:`steerkernel.concepts.interop`.
 
         Raises:
             FileNotFoundError: no such file.
             BankFormatError: truncated, corrupted, bit-flipped or inconsistent file.
         """
         path = os.fspath(path)
-        check_regular_file(path)
-        if path.endswith((".pt", ".pth")):
-            return cls._load_pt(path)
+        check_regular_file(path, "concept bank file")
         if path.endswith(".gguf"):
-            from .interop import import_gguf
-
-            return import_gguf(path)
-        with open(path, "rb") as f:
-            return cls._from_safetensors_file(f, os.fstat(f.fileno()).st_size, path)
-
-    @classmethod
-    def _from_safetensors_file(cls, f, size: int, path: str) -> "ConceptBank":
-        def bad(msg):
-            return BankFormatError(f"{path}: not a valid concept bank: {msg}")
-
-        if size < 8:
-            raise bad(f"file is {size} bytes, too short for a safetensors header (truncated?)")
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > MAX_HEADER_BYTES:
-            raise bad(f"header claims {n} bytes (limit {MAX_HEADER_BYTES}); corrupted file")
-        if 8 + n > size:
-            raise bad(f"header claims {n} bytes but the file has only {size - 8} after the "
-                      "length field (truncated?)")
+            return cls.from_gguf(path)
+        fields = bankfile.read_bank_file(path)
         try:
-            header = json.loads(f.read(n).decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError) as e:
-            raise bad(f"header is not valid JSON ({e})") from None
-        if not isinstance(header, dict):
-            raise bad("header is not a JSON object")
-        meta = header.pop("__metadata__", None)
-        if not isinstance(meta, dict) or not isinstance(meta.get(META_KEY), str) \
-                or not isinstance(meta.get(HASH_KEY), str):
-            raise bad(f"header lacks the {META_KEY!r} / {HASH_KEY!r} metadata (not a steerkernel "
-                      "bank, or corrupted)")
-        missing = [t for t in TENSORS if t not in header]
-        unknown = [t for t in header if t not in TENSORS]
-        if missing or unknown:
-            raise bad(f"tensors missing {missing}, unexpected {unknown[:5]}")
-        data_len = size - 8 - n
-        spans = []
-        for name in TENSORS:
-            info = header[name]
-            if not isinstance(info, dict) or info.get("dtype") != "F32":
-                raise bad(f"tensor {name!r} must be F32, got {info!r:.80}")
-            shape, offs = info.get("shape"), info.get("data_offsets")
-            if not (isinstance(shape, list) and all(type(s) is int and 0 <= s < 2 ** 40
-                                                    for s in shape)):
-                raise bad(f"tensor {name!r} has an invalid shape {shape!r:.80}")
-            if not (isinstance(offs, list) and len(offs) == 2
-                    and all(type(o) is int for o in offs) and 0 <= offs[0] <= offs[1]):
-                raise bad(f"tensor {name!r} has invalid data offsets {offs!r:.80}")
-            nbytes = 4 * math.prod(shape)
-            if offs[1] - offs[0] != nbytes:
-                raise bad(f"tensor {name!r} of shape {shape} needs {nbytes} bytes but its "
-                          f"offsets span {offs[1] - offs[0]}")
-            if offs[1] > data_len:
-                raise bad(f"tensor {name!r} ends at byte {offs[1]} of a {data_len}-byte data "
-                          "section (truncated?)")
-            spans.append((offs[0], offs[1], name, shape))
-        spans.sort()
-        end = 0
-        for b, e, name, _ in spans:
-            if b != end:
-                raise bad(f"tensor data overlaps or leaves gaps (at {name!r})")
-            end = e
-        if end != data_len:
-            raise bad(f"data section is {data_len} bytes but the tensors cover {end} "
-                      "(trailing garbage or truncated)")
-        # every size is now bounded by the file size: reading the data is safe
-        blob = f.read(data_len)
-        if len(blob) != data_len:
-            raise bad("file shrank while reading (truncated)")
-        tensors = {name: torch.from_numpy(np.frombuffer(blob, dtype="<f4", count=(e - b) // 4,
-                                                        offset=b).astype(np.float32)
-                                          .reshape(shape))
-                   for b, e, name, shape in spans}
-        if _digest(meta[META_KEY], tensors) != meta[HASH_KEY]:
-            raise bad("checksum mismatch: the file was modified or corrupted")
-        try:
-            info = json.loads(meta[META_KEY])
-        except (ValueError, RecursionError) as e:
-            raise bad(f"bank metadata is not valid JSON ({e})") from None
-        return cls._from_parts(info, tensors, bad)
-
-    @classmethod
-    def _from_parts(cls, info, tensors: Mapping[str, Tensor], bad) -> "ConceptBank":
-        if not isinstance(info, dict):
-            raise bad("bank metadata is not a JSON object")
-        if info.get("format") != FORMAT:
-            raise bad(f"format is {info.get('format')!r}, expected {FORMAT!r}")
-        if info.get("version") != VERSION:
-            raise bad(f"format version {info.get('version')!r} is not supported (this "
-                      f"steerkernel reads version {VERSION})")
-        need = ("names", "layers", "site", "default_layer", "metadata", "fingerprint")
-        missing = [k for k in need if k not in info]
-        if missing:
-            raise bad(f"bank metadata lacks {missing}")
-        names, layers = info["names"], info["layers"]
-        if not isinstance(names, list) or not isinstance(layers, list):
-            raise bad("names and layers must be lists")
-        dirs = tensors["directions"]
-        if dirs.dim() != 3 or dirs.shape[:2] != (len(layers), len(names)):
-            raise bad(f"directions have shape {tuple(dirs.shape)} but the bank has "
-                      f"L={len(layers)} layers and K={len(names)} concepts")
-        try:
-            return cls(names=names, layers=layers, directions=dirs,
-                       baseline_mean=tensors["baseline_mean"],
-                       baseline_std=tensors["baseline_std"],
-                       vector_norms=tensors["vector_norms"], resid_norm=tensors["resid_norm"],
-                       default_layer=info["default_layer"], site=info["site"],
-                       metadata=info["metadata"], fingerprint=info["fingerprint"])
+            return cls(**fields)
         except BankFormatError as e:
-            raise bad(str(e)) from None
+            raise bankfile.not_a_bank(path, str(e)) from None
+
+    # ---------------------------------------------------------------- from bare vectors
+    @classmethod
+    def from_vectors(cls, vectors: Mapping[int, Tensor], name: str, *, source: str = "vectors",
+                     metadata: Optional[dict] = None) -> "ConceptBank":
+        """A one-concept bank from ``{layer: [d] vector}`` (any float dtype).
+
+        The directions are the normalised vectors and ``vector_norms`` their norms; the
+        statistics are NaN (unknown) and the default layer is the middle one.  To measure them
+        on a model, use :func:`steerkernel.concepts.interop.bank_from_vectors`.
+        """
+        if not vectors:
+            raise BankFormatError(f"{source}: no vectors found")
+        layers = sorted(vectors)
+        rows = []
+        for x in layers:
+            v = torch.as_tensor(vectors[x]).detach().float().cpu().reshape(-1)
+            rows.append(v)
+        d = rows[0].numel()
+        bad = [x for x, v in zip(layers, rows) if v.numel() != d]
+        if bad or d == 0:
+            raise BankFormatError(f"{source}: vectors have different or zero sizes (layers "
+                                  f"{bad})")
+        V = torch.stack(rows)  # [L, d]
+        if not torch.isfinite(V).all():
+            raise BankFormatError(f"{source}: vectors contain NaN or inf")
+        norms = V.double().norm(dim=-1)
+        if (norms == 0).any():
+            raise BankFormatError(f"{source}: the vector at layer "
+                                  f"{layers[int((norms == 0).nonzero()[0])]} is zero")
+        L = len(layers)
+        nan = torch.full((L, 1), math.nan)
+        return cls(names=[name], layers=layers,
+                   directions=(V.double() / norms[:, None]).float()[:, None],
+                   baseline_mean=nan, baseline_std=nan,
+                   vector_norms=norms.float()[:, None], resid_norm=torch.full((L,), math.nan),
+                   default_layer=layers[L // 2], site="resid_post",
+                   metadata=dict(metadata or {}, method="imported", source=source,
+                                 concepts={name: {"source": source}}),
+                   fingerprint={"hidden_size": d})
 
     @classmethod
-    def _load_pt(cls, path: str) -> "ConceptBank":
-        def bad(msg):
-            return BankFormatError(f"{path}: not a valid concept bank: {msg}")
-
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # torch raises many kinds on corrupt / unsafe files
-            raise bad(f"cannot read it with torch.load(weights_only=True): {e}") from None
-        if not isinstance(obj, dict) or "bank" not in obj or any(t not in obj for t in TENSORS):
-            raise bad(f"a .pt bank is a dict of {list(TENSORS)} plus a 'bank' header dict; for "
-                      "plain per-layer vectors use steerkernel.concepts.interop.import_vectors")
-        if not all(isinstance(obj[t], Tensor) for t in TENSORS):
-            raise bad("bank tensors must be torch tensors")
-        return cls._from_parts(obj["bank"], {t: obj[t].float() for t in TENSORS}, bad)
-
-    # ---------------------------------------------------------------- extraction
-    @classmethod
-    def extract(cls, model=None, tokenizer=None, corpus=None, **kwargs) -> "ConceptBank":
-        """Extract a bank; see :func:`steerkernel.concepts.extract.extract_bank`."""
-        from .extract import extract_bank
-
-        return extract_bank(model, tokenizer, corpus, **kwargs)
+    def from_gguf(cls, path: PathLike, name: Optional[str] = None) -> "ConceptBank":
+        """A one-concept bank (statistics unknown) from a llama.cpp / repeng control vector;
+        ``name`` defaults to the file's stem.  With a model to calibrate it on:
+        :func:`steerkernel.concepts.interop.import_gguf`."""
+        vectors, hint = bankfile.read_gguf_vectors(path)
+        path = os.fspath(path)
+        name = name or os.path.splitext(os.path.basename(path))[0]
+        return cls.from_vectors(vectors, name, source=os.path.basename(path),
+                                metadata={"model_hint": hint, "format": "gguf control vector"})

@@ -8,7 +8,7 @@ stderr) and saves it under ``$STEERKERNEL_CACHE/banks/`` (default
 cached file in well under a second.
 
 The cache key is a hash of the model fingerprint (architecture, hidden size, layer count, vocab
-size and weight hash, see :func:`steerkernel.concepts.model_fingerprint`), the corpus file's
+size and weight hash, see :func:`steerkernel.introspect.model_fingerprint`), the corpus file's
 sha256 and the extraction recipe, so another model, a fine-tune, an edited corpus or a changed
 recipe never reuses a stale bank.  The file is written atomically (temp file + rename): an
 interrupted first run leaves no broken cache, and a corrupted cached file is rebuilt.
@@ -22,7 +22,8 @@ import sys
 import warnings
 
 from ..errors import BankFormatError
-from .bank import ConceptBank, model_fingerprint
+from ..introspect import model_fingerprint
+from .bank import ConceptBank
 
 #: extraction parameters of the default bank (part of the cache key)
 RECIPE = {"corpus": "builtin", "method": "emotion", "layers": "all", "start_offset": 2,

@@ -45,7 +45,8 @@ import torch
 from torch import Tensor
 
 from ..errors import BankMismatchError, UnsupportedModelError
-from .bank import ConceptBank, decoder_layers, model_fingerprint, text_config
+from ..introspect import decoder_layers, model_fingerprint, text_config
+from .bank import ConceptBank
 from .corpus import Corpus, CorpusError, load_corpus
 
 METHODS = {"emotion": "emotion", "mean_centered": "emotion", "mean_diff": "mean_diff",

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import tempfile
 from typing import Mapping, Optional, Union
 
@@ -36,22 +35,11 @@ import torch
 from torch import Tensor
 
 from ..errors import BankFormatError, BankMismatchError
-from .bank import ConceptBank, check_regular_file, default_file_mode
-
-ARCH = "controlvector"
-_KEY = re.compile(r"^(?:.*\.)?(\d+)$")
-
-
-def _layer_of(key) -> int:
-    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
-        if not 0 <= key < 10 ** 9:
-            raise BankFormatError(f"layer index {key} is out of range")
-        return int(key)
-    m = _KEY.match(str(key))
-    if not m or len(m.group(1)) > 9:
-        raise BankFormatError(f"cannot read a layer index from key {str(key)[:60]!r} (expected "
-                              "an int below 10^9 or a name ending in '.N', e.g. 'direction.12')")
-    return int(m.group(1))
+from ..fileio import atomic_write_bytes, check_regular_file, default_file_mode
+from ..introspect import text_config
+from .bank import ConceptBank
+from .bankfile import GGUF_ARCH as ARCH
+from .bankfile import layer_of_key, read_gguf_vectors  # noqa: F401 (public here too)
 
 
 def bank_from_vectors(vectors: Mapping[int, Tensor], name: str, *, model=None, tokenizer=None,
@@ -61,45 +49,22 @@ def bank_from_vectors(vectors: Mapping[int, Tensor], name: str, *, model=None, t
     The directions are the normalised vectors and ``vector_norms`` their norms.  With a
     ``model`` the bank is checked against it and calibrated (baseline, residual norms, default
     layer); otherwise those statistics are NaN (unknown) and the default layer is the middle
-    one.
+    one (:meth:`ConceptBank.from_vectors`).
     """
-    if not vectors:
-        raise BankFormatError(f"{source}: no vectors found")
-    layers = sorted(vectors)
-    rows = []
-    for x in layers:
-        v = torch.as_tensor(vectors[x]).detach().float().cpu().reshape(-1)
-        rows.append(v)
-    d = rows[0].numel()
-    bad = [x for x, v in zip(layers, rows) if v.numel() != d]
-    if bad or d == 0:
-        raise BankFormatError(f"{source}: vectors have different or zero sizes (layers {bad})")
-    V = torch.stack(rows)  # [L, d]
-    if not torch.isfinite(V).all():
-        raise BankFormatError(f"{source}: vectors contain NaN or inf")
-    norms = V.double().norm(dim=-1)
-    if (norms == 0).any():
-        raise BankFormatError(f"{source}: the vector at layer "
-                              f"{layers[int((norms == 0).nonzero()[0])]} is zero")
-    L = len(layers)
-    nan = torch.full((L, 1), math.nan)
-    bank = ConceptBank(names=[name], layers=layers,
-                       directions=(V.double() / norms[:, None]).float()[:, None],
-                       baseline_mean=nan, baseline_std=nan,
-                       vector_norms=norms.float()[:, None], resid_norm=torch.full((L,), math.nan),
-                       default_layer=layers[L // 2], site="resid_post",
-                       metadata=dict(metadata or {}, method="imported", source=source,
-                                     concepts={name: {"source": source}}),
-                       fingerprint={"hidden_size": d})
-    if model is not None:
-        from .bank import text_config
-        from .extract import calibrate, choose_default_layer
+    bank = ConceptBank.from_vectors(vectors, name, source=source, metadata=metadata)
+    return _calibrated(bank, model, tokenizer)
 
-        bank.check_fits(model)
-        bank = calibrate(bank, model, tokenizer)
-        n = int(text_config(model).num_hidden_layers)
-        bank = bank._replace(default_layer=choose_default_layer(bank.layers, n))
-    return bank
+
+def _calibrated(bank: ConceptBank, model, tokenizer) -> ConceptBank:
+    """``bank`` checked against and calibrated on ``model`` (unchanged when it is None)."""
+    if model is None:
+        return bank
+    from .extract import calibrate, choose_default_layer
+
+    bank.check_fits(model)
+    bank = calibrate(bank, model, tokenizer)
+    n = int(text_config(model).num_hidden_layers)
+    return bank._replace(default_layer=choose_default_layer(bank.layers, n))
 
 
 # ------------------------------------------------------------------------------ GGUF
@@ -152,50 +117,11 @@ def export_gguf(bank: ConceptBank, concept: str, path: Union[str, os.PathLike], 
         raise
 
 
-def read_gguf_vectors(path: Union[str, os.PathLike]):
-    """``({layer: np.ndarray [d]}, model_hint or None)`` from a GGUF control-vector file."""
-    import gguf
-
-    path = os.fspath(path)
-    check_regular_file(path, "control vector file")
-    try:
-        reader = gguf.GGUFReader(path)
-        arch = reader.get_field("general.architecture")
-        arch = bytes(arch.parts[-1]).decode("utf-8", "replace") if arch else None
-        hint = reader.get_field(f"{ARCH}.model_hint")
-        hint = bytes(hint.parts[-1]).decode("utf-8", "replace") if hint else None
-        tensors = [(t.name, t.tensor_type, np.array(t.data, copy=True)) for t in reader.tensors]
-    except Exception as e:  # gguf raises assorted errors on a damaged file
-        raise BankFormatError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") \
-            from None
-    if arch != ARCH:
-        raise BankFormatError(f"{path}: general.architecture is {arch!r}, not {ARCH!r} (not a "
-                              "control vector)")
-    vectors = {}
-    for name, ttype, data in tensors:
-        if not name.startswith("direction."):
-            continue
-        layer = _layer_of(name)
-        if ttype not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-            raise BankFormatError(f"{path}: tensor {name} has type {ttype.name}; only F32/F16 "
-                                  "control vectors are supported")
-        if layer in vectors:
-            raise BankFormatError(f"{path}: tensor {name} appears twice")
-        vectors[layer] = data.astype(np.float32).reshape(-1)
-    if not vectors:
-        raise BankFormatError(f"{path}: no direction.N tensors")
-    return vectors, hint
-
-
 def import_gguf(path: Union[str, os.PathLike], name: Optional[str] = None, *, model=None,
                 tokenizer=None) -> ConceptBank:
     """A one-concept bank from a llama.cpp / repeng control vector (see the module docs).
     ``name`` defaults to the file's stem."""
-    vectors, hint = read_gguf_vectors(path)
-    name = name or os.path.splitext(os.path.basename(os.fspath(path)))[0]
-    return bank_from_vectors(vectors, name, model=model, tokenizer=tokenizer,
-                             source=os.path.basename(os.fspath(path)),
-                             metadata={"model_hint": hint, "format": "gguf control vector"})
+    return _calibrated(ConceptBank.from_gguf(path, name), model, tokenizer)
 
 
 # ------------------------------------------------------------------------------ plain vectors
@@ -239,7 +165,7 @@ def import_vectors(path: Union[str, os.PathLike], name: Optional[str] = None, *,
         if value.dim() != 1:
             raise BankFormatError(f"{path}: vector {key!r} has shape {tuple(value.shape)}, "
                                   "expected [d]")
-        layer = _layer_of(key)
+        layer = layer_of_key(key)
         if layer in vectors:
             raise BankFormatError(f"{path}: two vectors for layer {layer}")
         vectors[layer] = value
@@ -252,8 +178,6 @@ def export_vectors(bank: ConceptBank, concept: str, path: Union[str, os.PathLike
     """Write one concept as a ``.safetensors`` dict ``{"N": [d]}`` (layer N; same scale rule
     as :func:`export_gguf`), readable by :func:`import_vectors`."""
     from safetensors.torch import save
-
-    from .bank import atomic_write_bytes
 
     k = bank.concept_index(concept)
     scale = bank.vector_norms[:, k] if strength is None else strength * bank.resid_norm

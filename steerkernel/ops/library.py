@@ -1,32 +1,28 @@
-"""torch.library registration of every junction backend.
+"""torch.library registration of the junction ops, and the registry of backend implementations.
 
 Ops (all mutate their outputs in place and return nothing, so a captured CUDA graph or a
-``torch.compile``d model sees static buffers):
+``torch.compile``d model sees static buffers), all with the schema of :mod:`.args`:
 
-* ``steerkernel::junction``            C++ op: CPU kernel from ``steerkernel._C``, CUDA kernel
-                                       from ``steerkernel._C_cuda`` (schema defined in csrc/).
-* ``steerkernel::junction_reference``  the pure-torch oracle (any device, float64 too).
-* ``steerkernel::junction_triton``     the Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1).
+* ``steerkernel::junction``            C++ op, defined by the native extension (csrc/ops.cpp):
+                                       its CPU kernel and, from the CUDA extension, its CUDA one.
+* ``steerkernel::junction_reference``  the pure-torch oracle (any device, float64 too), here.
+* ``steerkernel::junction_triton``     the Triton kernel; defined here, implemented by
+                                       :mod:`steerkernel.backends.triton_junction` when it loads.
 
-All three share one argument list, in this order (see ``SCHEMA``).
+The registry points the other way than the imports: :mod:`steerkernel.backends` (which imports
+this package, never the reverse) registers each backend's op when that backend loads
+(:func:`register_backend`) and installs its chooser (:func:`set_chooser`) when it is imported,
+which importing the ``steerkernel`` package always does.  The public
+:func:`steerkernel.ops.junction` asks the chooser for a backend and runs its registered op.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Dict, Optional, Set, Tuple
 
 import torch
-from torch import Tensor
 
+from .args import SCHEMA, TENSOR_NAMES, JunctionArgs
 from .reference import junction_reference_
-
-#: The schema every junction backend shares.  csrc/ops.cpp defines the C++ op with this text.
-SCHEMA = (
-    "(Tensor(a!) residual, Tensor V, Tensor? x, Tensor? slot, Tensor? shift, Tensor? lo, "
-    "Tensor? hi, Tensor? gate_concept, Tensor? gate_threshold, Tensor? gate_above, "
-    "Tensor(b!)? latch, Tensor? weight, float eps, Tensor(c!) scores, Tensor(d!) norms, "
-    "Tensor(e!)? out) -> ()"
-)
-MUTATED = ("residual", "latch", "scores", "norms", "out")
 
 _lib = torch.library.Library("steerkernel", "FRAGMENT")
 _lib.define("junction_reference" + SCHEMA)
@@ -34,24 +30,7 @@ _lib.define("junction_triton" + SCHEMA)
 _lib.impl("junction_reference", junction_reference_, "CompositeExplicitAutograd")
 
 
-def _junction_triton(*args) -> None:
-    from ..backends.triton_junction import junction_triton_
-
-    junction_triton_(*args)
-
-
-# Triton runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (tests).
-_lib.impl("junction_triton", _junction_triton, "CUDA")
-_lib.impl("junction_triton", _junction_triton, "CPU")
-
-
-def _fake(
-    residual: Tensor, V: Tensor, x: Optional[Tensor], slot: Optional[Tensor],
-    shift: Optional[Tensor], lo: Optional[Tensor], hi: Optional[Tensor],
-    gate_concept: Optional[Tensor], gate_threshold: Optional[Tensor],
-    gate_above: Optional[Tensor], latch: Optional[Tensor], weight: Optional[Tensor],
-    eps: float, scores: Tensor, norms: Tensor, out: Optional[Tensor],
-) -> None:
+def _fake(*args, **kwargs) -> None:
     """Fake (meta) implementation: the ops only write into buffers they were given.
 
     It also runs as the ops' Meta kernel, which the dispatcher picks whenever *any* argument is
@@ -59,12 +38,10 @@ def _fake(
     is refused (as the real kernels refuse mixed devices) instead of silently doing nothing.
     All-meta calls and fake tensors on one device (torch.compile tracing) pass.
     """
-    device = residual.device
-    for name, t in (("V", V), ("x", x), ("slot", slot), ("shift", shift), ("lo", lo),
-                    ("hi", hi), ("gate_concept", gate_concept),
-                    ("gate_threshold", gate_threshold), ("gate_above", gate_above),
-                    ("latch", latch), ("weight", weight), ("scores", scores), ("norms", norms),
-                    ("out", out)):
+    call = JunctionArgs(*args, **kwargs)
+    device = call.residual.device
+    for name in TENSOR_NAMES[1:]:
+        t = getattr(call, name)
         if t is not None and t.device != device:
             raise RuntimeError(
                 f"steerkernel.junction: {name} is on {t.device} but residual is on {device}; "
@@ -73,15 +50,62 @@ def _fake(
     return None
 
 
-for _name in ("junction_reference", "junction_triton"):
-    torch.library.register_fake("steerkernel::" + _name, _fake, lib=_lib)
-
-_native_fake_registered = False
+_FAKES: Set[str] = set()
 
 
-def register_native_fake() -> None:
-    """Register the fake impl of the C++ op once ``steerkernel._C`` has defined it."""
-    global _native_fake_registered
-    if not _native_fake_registered:
-        torch.library.register_fake("steerkernel::junction", _fake, lib=_lib)
-        _native_fake_registered = True
+def _register_fake(qualname: str) -> None:
+    if qualname not in _FAKES:
+        torch.library.register_fake(qualname, _fake, lib=_lib)
+        _FAKES.add(qualname)
+
+
+_register_fake("steerkernel::junction_reference")
+_register_fake("steerkernel::junction_triton")
+
+# ----------------------------------------------------------------------------- registry
+_BACKEND_OPS: Dict[str, torch._ops.OpOverload] = {
+    "reference": torch.ops.steerkernel.junction_reference.default}
+
+
+def register_backend(name: str, op: torch._ops.OpOverload) -> None:
+    """Make ``op`` (a junction op overload with this module's schema) backend ``name``'s
+    implementation; called by a backend when it loads.  Gives the op its fake implementation
+    if it has none yet (the C++ op is defined by the native extension).  Raises
+    ``RuntimeError`` for an op with another schema (e.g. an extension built from other
+    sources)."""
+    if str(op._schema) != f"{op._schema.name}{SCHEMA}":
+        raise RuntimeError(f"{op._schema.name} has the schema {op._schema}, not the junction "
+                           f"arguments {SCHEMA} (steerkernel/ops/args.py)")
+    _register_fake(op._schema.name)
+    _BACKEND_OPS[name] = op
+
+
+def registered_op(name: str) -> Optional[torch._ops.OpOverload]:
+    """The op of backend ``name``, or None when that backend has not loaded (yet)."""
+    return _BACKEND_OPS.get(name)
+
+
+#: ``chooser(device, requested) -> backend name``, installed by steerkernel.backends
+_CHOOSER: Optional[Callable[[torch.device, Optional[str]], str]] = None
+
+
+def set_chooser(chooser: Callable[[torch.device, Optional[str]], str]) -> None:
+    """Install the function that picks a call's backend (:func:`steerkernel.backends.resolve`:
+    it loads, and so registers, the backend it returns)."""
+    global _CHOOSER
+    _CHOOSER = chooser
+
+
+def choose_backend(device: torch.device, requested: Optional[str] = None
+                   ) -> Tuple[str, torch._ops.OpOverload]:
+    """``(name, op)`` of the backend a call on ``device`` uses (``requested`` if given)."""
+    if _CHOOSER is None:
+        raise RuntimeError("steerkernel.junction: no backend chooser installed; "
+                           "import steerkernel.backends (importing steerkernel does)")
+    name = _CHOOSER(device, requested)
+    op = _BACKEND_OPS.get(name)
+    if op is None:
+        raise RuntimeError(f"steerkernel.junction: backend {name!r} was chosen but has not "
+                           "registered its op")
+    return name, op
+

@@ -1,27 +1,11 @@
 """The pure-torch junction: the oracle every other backend is tested against.
 
-Math (per token row ``t`` of a ``[T, d]`` hidden state; see docs/design.md §2)::
-
-    h          = residual[t] + x[t]              # added in the residual's dtype, as torch does
-    p          = V · h                           # V [K, d] unit rows -> p [K]
-    scores[t]  = p ; norms[t] = ||h||            # pre-intervention readout
-    s          = slot[t]                         # 0 = identity
-    if s != 0 and (gate_concept[s] < 0 or latch[s] or gate fires):
-        q      = clamp(p + shift[s], lo[s], hi[s])
-        h      = h + Vᵀ (q - p)
-    residual[t] = h                              # stored in the residual's dtype
-    out[t]     = h * rsqrt(mean(h²) + eps) * weight
-
-A gate fires when ``p[gate_concept[s]] > gate_threshold[s]`` (``gate_above[s]``) or
-``p[gate_concept[s]] < gate_threshold[s]`` (otherwise); equality never fires.  With a ``latch``
-(int32 ``[P]``), a slot whose latch is non-zero at call start is steered unconditionally, and
-every slot with a firing token has its latch set to 1 when the call ends (decisions inside one
-call never depend on other tokens of the same call, so every backend is deterministic).
-
-Every read of ``h`` after a store sees the stored (dtype-rounded) value, which is exactly what
-the next layer sees.  All other arithmetic is float64 here, whatever the input dtype, which is
-what makes this the oracle.  Slots outside ``[0, P)`` behave as slot 0 and gate concepts outside
-``[-1, K)`` never fire (so such a slot is steered only once latched); the public wrapper rejects both before calling any backend.
+Implements docs/design.md §2 as literally as torch allows.  Every read of ``h`` after a store
+sees the stored (dtype-rounded) value, which is exactly what the next layer sees; all other
+arithmetic is float64 here, whatever the input dtype, which is what makes this the oracle.
+What the kernels do with values the public wrapper rejects, so that all backends agree on
+them: slots outside ``[0, P)`` behave as slot 0, and gate concepts outside ``[-1, K)`` never
+fire (so such a slot is steered only once latched).
 """
 from __future__ import annotations
 
@@ -33,7 +17,7 @@ from torch import Tensor
 
 def junction_reference_(
     residual: Tensor,
-    V: Tensor,
+    V: Optional[Tensor],
     x: Optional[Tensor],
     slot: Optional[Tensor],
     shift: Optional[Tensor],
@@ -45,26 +29,25 @@ def junction_reference_(
     latch: Optional[Tensor],
     weight: Optional[Tensor],
     eps: float,
-    scores: Tensor,
+    scores: Optional[Tensor],
     norms: Tensor,
     out: Optional[Tensor],
 ) -> None:
     """Reference junction; writes ``residual``, ``scores``, ``norms``, ``out`` and ``latch``.
 
-    Shapes: residual/x/out ``[T, d]``; V ``[K, d]``; slot int32 ``[T]``; shift/lo/hi fp32
-    ``[P, K]``; gate_concept int32 ``[P]``; gate_threshold fp32 ``[P]``; gate_above bool
-    ``[P]``; latch int32 ``[P]``; weight ``[d]``; scores ``[T, K]`` (any strides); norms ``[T]``.
+    Arguments and shapes: :data:`steerkernel.ops.args.ARGS` (V None: no readout, no steering).
     """
     f64 = torch.float64
     if x is not None:
         residual.add_(x)  # rounds exactly as the model's own `residual + x` would
     h = residual.to(f64)
-    Vd = V.to(f64)
-    p = h @ Vd.T  # [T, K]
-    scores.copy_(p)
     norms.copy_(torch.linalg.vector_norm(h, dim=1))
+    if V is not None:
+        Vd = V.to(f64)
+        p = h @ Vd.T  # [T, K]
+        scores.copy_(p)
 
-    if slot is not None and shift is not None and h.shape[0] > 0:
+    if V is not None and slot is not None and shift is not None and h.shape[0] > 0:
         P = shift.shape[0]
         s = slot.long()
         in_range = (s >= 0) & (s < P)

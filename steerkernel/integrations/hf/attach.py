@@ -33,9 +33,11 @@ from torch import Tensor, nn
 
 from ... import backends, requirements
 from ...errors import BankMismatchError, SpecError, UnsupportedModelError
-from ...ops.junction import MODEL_DTYPES, prepare_junction
+from ...introspect import find_decoder_layers, text_config
+from ...ops import MODEL_DTYPES
 from ...steering import (CompiledProgram, Program, ProgramLike, SlotTables,
                          compile_program)
+from ..site import Steering
 from .families import FAMILIES, Family, check_layer, family_for, norm_eps
 from .layers import (Junctions, fused_norm_weight, fusable_norm, make_fused_forward,
                      make_generic_hook)
@@ -62,31 +64,6 @@ def check_transformers_version(version: Optional[str] = None) -> str:
             f"(supported: {spec}); install a supported version, e.g. "
             f"pip install 'transformers{spec}'")
     return version
-
-
-def _text_config(model: nn.Module):
-    cfg = getattr(model, "config", None)
-    if cfg is None:
-        raise UnsupportedModelError(f"{type(model).__name__} has no .config: not an HF model")
-    get = getattr(cfg, "get_text_config", None)
-    return get() if callable(get) else cfg
-
-
-def find_decoder_layers(model: nn.Module, num_layers: int, layer_classes: Sequence[str] = ()
-                        ) -> Tuple[nn.Module, nn.ModuleList]:
-    """The decoder stack (the module whose forward runs the layers) and its layer list: the
-    outermost ``nn.ModuleList`` with ``num_layers`` entries, preferring one whose entries are
-    of ``layer_classes`` (e.g. the text stack of a multimodal model over its vision tower)."""
-    found = [(name, mod) for name, mod in model.named_modules()
-             if isinstance(mod, nn.ModuleList) and len(mod) == num_layers and len(mod) > 0]
-    if not found:
-        raise UnsupportedModelError(
-            f"cannot find the {num_layers} decoder layers of {type(model).__name__} "
-            "(no nn.ModuleList of that length)")
-    preferred = [f for f in found if type(f[1][0]).__name__ in layer_classes]
-    name, mod = (preferred or found)[0]
-    parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-    return parent, mod
 
 
 def _check_bank(bank, model: nn.Module, num_layers: int, d: int) -> None:
@@ -361,7 +338,7 @@ class SteeringHandle:
                     for keep, n in _runs(flags):
                         rows.append((self._request_id(b) if keep else None, n))
             self._pending_rows = rows
-        self._j.begin(T, slot, gated, latched, views)
+        self._j.begin(T, Steering(slot, gated, latched) if slot is not None else None, views)
         return None
 
     def _post_forward(self, module, args, output):
@@ -416,7 +393,7 @@ def attach(model: nn.Module, bank, monitor=True, program: ProgramLike = None, *,
         raise SpecError(f"max_batch must be a positive int, got {max_batch!r}")
     if model in _ATTACHED:
         raise SpecError("this model already has a steerkernel handle attached; detach it first")
-    cfg = _text_config(model)
+    cfg = text_config(model)
     num_layers = getattr(cfg, "num_hidden_layers", None)
     d = getattr(cfg, "hidden_size", None)
     if not isinstance(num_layers, int) or not isinstance(d, int):
@@ -466,11 +443,8 @@ def attach(model: nn.Module, bank, monitor=True, program: ProgramLike = None, *,
     j = Junctions(op, positions, V, tables, d, device)
 
     # validate every buffer the hot path hands the raw op, once, before touching the model
-    r = torch.zeros(1, d, device=device, dtype=dtype)
-    slot = torch.zeros(1, dtype=torch.int32, device=device)
-    for i in range(L):
-        prepare_junction(r, V[i], r.clone(), slot, *tables.layer_args(i)[:6],
-                         backend=backend_name, latch=tables.layer_args(i)[6])
+    for site in j.sites:
+        site.validate(d, dtype, backend_name)
     fused, generic = [], []
     if fam is not None:
         for idx, layer in enumerate(layer_list):
@@ -479,9 +453,9 @@ def attach(model: nn.Module, bank, monitor=True, program: ProgramLike = None, *,
             for name in (fam.pre_ffn, fam.pre_attn):
                 if fusable_norm(fam, name):
                     norm = getattr(layer, name)
-                    prepare_junction(r, j.zero_v, r.clone(), backend=backend_name,
-                                     weight=fused_norm_weight(fam, norm, dtype),
-                                     eps=norm_eps(norm))
+                    j.add_norm.validate(d, dtype, backend_name,
+                                        weight=fused_norm_weight(fam, norm, dtype),
+                                        eps=norm_eps(norm))
             fused.append((layer, fwd))
     else:
         for i, layer in enumerate(bank.layers):

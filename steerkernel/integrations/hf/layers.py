@@ -1,12 +1,12 @@
 """The junction calls inside an HF model: fused decoder-layer forwards and the generic hook.
 
-:class:`Junctions` owns everything a forward needs on the device — the bank's directions per
-layer, the slot tables, the per-forward slot vector and score views — and exposes the two call
-sites of a decoder layer:
+:class:`Junctions` adapts an attached model's forwards to its junction sites
+(:class:`~steerkernel.integrations.site.JunctionSite`: one per bank layer, plus one plain
+add + RMSNorm site) and holds the per-forward state — the rows' :class:`Steering` and this
+forward's score views — behind the two call sites of a decoder layer:
 
 * ``mid(residual, x, weight, eps)``: ``h1 = residual + x`` in place, optional fused RMSNorm of
-  ``h1`` (the next sublayer's input).  Concept readout is not needed here, so it runs against
-  a single zero direction (one extra multiply-add per element).
+  ``h1`` (the next sublayer's input).  No readout here: the plain add + RMSNorm site (no V).
 * ``end(i, residual, x)``: ``h2 = residual + x`` (or just ``residual`` for the generic path) in
   place, then readout into this forward's score buffer and the per-slot intervention, at the
   model's decoder layer ``i`` (site ``resid_post``).
@@ -26,97 +26,65 @@ from torch import Tensor, nn
 
 from ...errors import UnsupportedModelError
 from ...steering import SlotTables
+from ..site import JunctionSite, Scratch, Steering
 from .families import Family, norm_eps
 
 
 class Junctions:
-    """Device state of one attached model and its two junction call sites.
+    """The junction sites of one attached model and their per-forward state.
 
     Args:
         op: the raw junction op (see :func:`steerkernel.backends.op_for`).
-        num_layers: decoder layers of the model; ``positions[l]`` = bank layer position of
-            decoder layer ``l`` or -1.
+        positions: ``positions[l]`` = bank layer position of decoder layer ``l`` or -1.
         V: per bank layer ``[K, d]`` fp32 directions on the model's device.
         tables: the :class:`SlotTables` (``[L, P, K]``) the op reads.
     """
 
     def __init__(self, op, positions: List[int], V: List[Tensor], tables: SlotTables,
                  hidden_size: int, device: torch.device):
-        self.op = op
         self.positions = positions
-        self.V = V
-        self.tables = tables
-        self.K = V[0].shape[0]
         self.d = hidden_size
         self.device = device
-        self.zero_v = torch.zeros(1, hidden_size, device=device)
-        self._cap = 0
-        self._grow(64)
+        self.scratch = Scratch(V[0].shape[0], device, rows=64)
+        self.add_norm = JunctionSite(op, self.scratch)
+        self.sites = [JunctionSite(op, self.scratch, V=v, tables=tables, layer=i)
+                      for i, v in enumerate(V)]
         # per-forward state, set by begin() and cleared by end_forward()
         self.T = -1
-        self.slot: Optional[Tensor] = None
-        self.gated = False
-        self.latched = False
+        self.steering: Optional[Steering] = None
         self.views: Optional[List[Tensor]] = None
         # (next layer index, layer output, its version counter, its RMSNorm with the next
         # layer's input-norm weight): the hand-over between fused layers
         self.carry: Optional[tuple] = None
 
-    def _grow(self, T: int) -> None:
-        if T > self._cap:
-            cap = max(T, 2 * self._cap)
-            self._mid_scores = torch.empty(cap, 1, device=self.device)
-            self._norms = torch.empty(cap, device=self.device)
-            self._scores = torch.empty(cap, self.K, device=self.device)
-            self._cap = cap
-
-    def begin(self, T: int, slot: Optional[Tensor], gated: bool, latched: bool,
-              views: Optional[List[Tensor]]) -> None:
+    def begin(self, T: int, steering: Optional[Steering], views: Optional[List[Tensor]]
+              ) -> None:
         """Set the state of one forward of ``T`` token rows (called by the model pre-hook)."""
-        self._grow(T)
-        self.T, self.slot, self.gated, self.latched, self.views = T, slot, gated, latched, views
+        self.scratch.reserve(T)
+        self.T, self.steering, self.views = T, steering, views
 
     def end_forward(self) -> None:
-        self.T, self.slot, self.views, self.carry = -1, None, None, None
+        self.T, self.steering, self.views, self.carry = -1, None, None, None
 
     def mid(self, residual: Tensor, x: Tensor, weight: Optional[Tensor], eps: float
             ) -> Optional[Tensor]:
         """``residual += x`` in place; returns ``rmsnorm(residual) * weight`` or None."""
-        T = residual.shape[0]
-        self._grow(T)
-        out = torch.empty_like(residual) if weight is not None else None
-        self.op(residual, self.zero_v, x, None, None, None, None, None, None, None, None,
-                weight, eps, self._mid_scores[:T], self._norms[:T], out)
-        return out
+        return self.add_norm(residual, x, weight=weight, eps=eps)
 
     def end(self, layer: int, residual: Tensor, x: Optional[Tensor],
             weight: Optional[Tensor] = None, eps: float = 0.0) -> Optional[Tensor]:
         """``residual (+= x)``, readout and steering at decoder layer ``layer``, in place;
         returns ``rmsnorm(residual) * weight`` (the next layer's input norm) or None."""
-        T = residual.shape[0]
         i = self.positions[layer]
-        self._grow(T)
-        out = torch.empty_like(residual) if weight is not None else None
         if i < 0:  # not a bank layer: the add (and norm) only
-            if x is not None or out is not None:
-                self.op(residual, self.zero_v, x, None, None, None, None, None, None, None,
-                        None, weight, eps, self._mid_scores[:T], self._norms[:T], out)
-            return out
-        live = T == self.T
-        scores = self.views[i] if (live and self.views is not None) else self._scores[:T]
-        slot = self.slot if live else None
-        if slot is None:
-            self.op(residual, self.V[i], x, None, None, None, None, None, None, None, None,
-                    weight, eps, scores, self._norms[:T], out)
-            return out
-        shift, lo, hi, gc, gt, ga, latch = self.tables.layer_args(i)
-        if not self.gated:
-            gc = gt = ga = latch = None
-        elif not self.latched:
-            latch = None
-        self.op(residual, self.V[i], x, slot, shift, lo, hi, gc, gt, ga, latch, weight, eps,
-                scores, self._norms[:T], out)
-        return out
+            if x is None and weight is None:
+                return None
+            return self.add_norm(residual, x, weight=weight, eps=eps)
+        if residual.shape[0] != self.T:  # not the forward begin() saw: monitor into scratch
+            return self.sites[i](residual, x, weight=weight, eps=eps)
+        scores = self.views[i] if self.views is not None else None
+        return self.sites[i](residual, x, steering=self.steering, scores=scores, weight=weight,
+                             eps=eps)
 
 
 def _rows(t: Tensor, d: int) -> Tensor:

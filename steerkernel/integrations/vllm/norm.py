@@ -15,12 +15,13 @@ after the model is loaded (:func:`install_sites`): the input norm of decoder lay
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 from torch import nn
 
 from ...errors import UnsupportedModelError
+from ...introspect import find_decoder_layers
 
 _CLASS = None
 
@@ -70,20 +71,6 @@ def register_norm() -> bool:
     return True
 
 
-def find_layers(model: nn.Module, num_layers: int) -> Tuple[nn.Module, nn.ModuleList]:
-    """``(stack, layers)``: the module holding the decoder-layer list and the final ``norm``."""
-    inner = getattr(model, "model", None)
-    if isinstance(getattr(inner, "layers", None), nn.ModuleList) \
-            and len(inner.layers) == num_layers:
-        return inner, inner.layers
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) == num_layers and num_layers > 0:
-            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-            return parent, mod
-    raise UnsupportedModelError(f"steerkernel: cannot find the {num_layers} decoder layers of "
-                                f"{type(model).__name__}")
-
-
 def _missing(mod) -> bool:
     return mod is None or type(mod).__name__ == "PPMissingLayer"
 
@@ -97,7 +84,10 @@ def site_modules(model: nn.Module, layers: List[int], num_layers: int
     Raises :class:`UnsupportedModelError` for architectures whose norms are not vLLM's
     ``RMSNorm`` called with a residual (Gemma's ``GemmaRMSNorm``, sandwich norms, ...)."""
     cls = steer_rmsnorm_class()
-    stack, mods = find_layers(model, num_layers)
+    try:
+        stack, mods = find_decoder_layers(model, num_layers)
+    except UnsupportedModelError as e:
+        raise UnsupportedModelError(f"steerkernel: {e}") from None
     out: List[Optional[nn.Module]] = []
     for l in layers:
         if l + 1 < num_layers:

@@ -1,24 +1,26 @@
-"""Where the plugin meets vLLM: wrappers installed by :func:`install` (idempotent).
+"""Where the plugin meets vLLM: the wrappers :func:`install` puts on vLLM's internals.
 
 vLLM's ``vllm.general_plugins`` entry point runs :func:`steerkernel.integrations.vllm.register`
-in every vLLM process (front end, engine core, workers).  It installs:
+in every vLLM process (front end, engine core, workers).  It registers the out-of-tree
+``RMSNorm`` (:mod:`.norm`: dormant until a worker gives it a site), then wraps the methods
+listed in the installed vLLM version's table in :mod:`.touchpoints` (what each does, why, and
+which documented interface would replace it), with the wrapper of each row's ``kind``
+(:data:`WRAPPERS`):
 
-* the out-of-tree ``RMSNorm`` (:mod:`.norm`): dormant until a worker gives it a site;
-* ``InputProcessor.process_inputs`` (front end): the steerkernel keys of a request's
-  ``extra_args`` are checked against the engine's bank before the request is admitted, so a bad
-  one fails alone with a ``VLLMValidationError`` (HTTP 400 on the server); a steered request's
-  prefix-cache salt is set to its program, so KV blocks computed under one program are never
-  reused by a request with another (or none);
-* ``Worker.load_model`` (worker): after the model is loaded, a :class:`WorkerState` is built when
-  the engine has a ``steerkernel`` config; ``Worker.steerkernel_rpc`` serves
+* ``input_processing`` (front end): a request's steerkernel ``extra_args`` are checked against
+  the engine's bank before admission, so a bad one fails alone with a ``VLLMValidationError``
+  (HTTP 400 on the server); a steered request's prefix-cache salt is set to its program;
+* ``worker_load``: after the model is loaded, a :class:`WorkerState` is built when the engine
+  has a ``steerkernel`` config; ``Worker.steerkernel_rpc`` serves
   ``collective_rpc("steerkernel_rpc", args=(op, ...))``;
-* the model runner (``execute_model`` and the method that lays out the batch: V1's
-  ``_prepare_inputs``, V2's ``prepare_inputs``): per-step request bookkeeping and the slot
-  vector, before the forward; the monitor record after it.
+* ``execute_v1`` / ``execute_v2`` and ``batch_layout_v1`` / ``batch_layout_v2`` (model
+  runner): per-step request bookkeeping and the slot vector before the forward, the monitor
+  record after it.
 
-Every wrapper calls the original unchanged when the engine has no steerkernel config.  Each
-target is looked up by name; a vLLM version without it makes :func:`install` log which one is
-missing (and the worker refuse a steerkernel config) instead of failing at import.
+Every wrapper calls the original unchanged when the engine has no steerkernel config.  A
+touch point missing from the installed vLLM makes :func:`install` log which one (with the vLLM
+version) and the worker refuse a steerkernel config with that message, instead of failing at
+import.
 """
 from __future__ import annotations
 
@@ -26,29 +28,30 @@ import functools
 import hashlib
 import logging
 import os
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
+
+from . import touchpoints
 
 log = logging.getLogger("steerkernel.vllm")
 
 _INSTALLED: Dict[str, bool] = {}
+#: the touch points (``module.Class.method``) not found in the installed vLLM
 MISSING: List[str] = []
+#: the message naming them and the vLLM version (None when nothing is missing)
+MISSING_MESSAGE: Optional[str] = None
 #: set to "0" to skip the front-end check (only to test the worker's own fallback)
 FRONTEND_CHECK_ENV = "STEERKERNEL_VLLM_FRONTEND_CHECK"
 
 
-def _wrap(owner, name: str, make: Callable) -> bool:
-    fn = getattr(owner, name, None)
-    if fn is None:
-        MISSING.append(f"{owner.__module__}.{owner.__qualname__}.{name}")
-        return False
+def _wrap(owner, name: str, make: Callable) -> None:
+    fn = getattr(owner, name)
     if getattr(fn, "_steerkernel_wrapped", False):
-        return True
+        return
     new = make(fn)
     functools.update_wrapper(new, fn)
     new._steerkernel_wrapped = True
     new._steerkernel_original = fn
     setattr(owner, name, new)
-    return True
 
 
 # ------------------------------------------------------------------------------ front end
@@ -85,27 +88,17 @@ def salt_request(request, program: str) -> None:
     request.cache_salt = f"steerkernel:{digest}" + (f":{old}" if old else "")
 
 
-def _patch_frontend() -> None:
-    try:
-        from vllm.v1.engine.input_processor import InputProcessor
-    except Exception as e:  # noqa: BLE001
-        MISSING.append(f"vllm.v1.engine.input_processor.InputProcessor ({e})")
-        return
-
-    def make(orig):
-        def process_inputs(self, request_id, prompt, params, *args, **kwargs):
-            program = None
-            if getattr(params, "extra_args", None) and \
-                    os.environ.get(FRONTEND_CHECK_ENV, "1") != "0":
-                program = _frontend_check(self.vllm_config, params)
-            request = orig(self, request_id, prompt, params, *args, **kwargs)
-            if program is not None and getattr(self.cache_config, "enable_prefix_caching",
-                                               False):
-                salt_request(request, program)
-            return request
-        return process_inputs
-
-    _wrap(InputProcessor, "process_inputs", make)
+def _wrap_process_inputs(orig):
+    def process_inputs(self, request_id, prompt, params, *args, **kwargs):
+        program = None
+        if getattr(params, "extra_args", None) and \
+                os.environ.get(FRONTEND_CHECK_ENV, "1") != "0":
+            program = _frontend_check(self.vllm_config, params)
+        request = orig(self, request_id, prompt, params, *args, **kwargs)
+        if program is not None and getattr(self.cache_config, "enable_prefix_caching", False):
+            salt_request(request, program)
+        return request
+    return process_inputs
 
 
 # ------------------------------------------------------------------------------ workers
@@ -117,8 +110,7 @@ def _setup_worker(worker) -> None:
     if cfg is None:
         return
     if MISSING:
-        raise RuntimeError("steerkernel: this vLLM version lacks the hooks the plugin needs: "
-                           + ", ".join(MISSING))
+        raise RuntimeError(MISSING_MESSAGE)
     from vllm.model_executor.custom_op import op_registry_oot
 
     from .norm import steer_rmsnorm_class
@@ -144,23 +136,12 @@ def _steerkernel_rpc(self, op: str, *args, **kwargs):
     return state.rpc(op, *args, **kwargs)
 
 
-def _patch_worker() -> None:
-    try:
-        from vllm.v1.worker.gpu_worker import Worker
-    except Exception as e:  # noqa: BLE001
-        MISSING.append(f"vllm.v1.worker.gpu_worker.Worker ({e})")
-        return
-
-    def make(orig):
-        def load_model(self, *args, **kwargs):
-            out = orig(self, *args, **kwargs)
-            _setup_worker(self)
-            return out
-        return load_model
-
-    _wrap(Worker, "load_model", make)
-    if not hasattr(Worker, "steerkernel_rpc"):
-        Worker.steerkernel_rpc = _steerkernel_rpc
+def _wrap_load_model(orig):
+    def load_model(self, *args, **kwargs):
+        out = orig(self, *args, **kwargs)
+        _setup_worker(self)
+        return out
+    return load_model
 
 
 def _state(runner):
@@ -186,57 +167,49 @@ def _make_execute(orig, v2: bool):
     return execute_model
 
 
-def _patch_runner_v1() -> None:
-    try:
-        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-    except Exception as e:  # noqa: BLE001
-        MISSING.append(f"vllm.v1.worker.gpu_model_runner.GPUModelRunner ({e})")
-        return
+def _wrap_prepare_inputs_v1(orig):
+    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs):
+        st = _state(self)
+        if st is not None:
+            ib = self.input_batch
+            n = ib.num_reqs
+            reqs = self.requests
 
-    def make_prepare(orig):
-        def _prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs):
-            st = _state(self)
-            if st is not None:
-                ib = self.input_batch
-                n = ib.num_reqs
-                reqs = self.requests
+            def lookup(rid):
+                rs = reqs.get(rid)
+                return None if rs is None else (rs.sampling_params, rs.num_prompt_tokens)
 
-                def lookup(rid):
-                    rs = reqs.get(rid)
-                    return None if rs is None else (rs.sampling_params, rs.num_prompt_tokens)
-
-                st.set_layout(ib.req_ids[:n], num_scheduled_tokens,
-                              ib.num_computed_tokens_cpu[:n], lookup)
-            return orig(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
-        return _prepare_inputs
-
-    _wrap(GPUModelRunner, "execute_model", lambda f: _make_execute(f, False))
-    _wrap(GPUModelRunner, "_prepare_inputs", make_prepare)
+            st.set_layout(ib.req_ids[:n], num_scheduled_tokens,
+                          ib.num_computed_tokens_cpu[:n], lookup)
+        return orig(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
+    return _prepare_inputs
 
 
-def _patch_runner_v2() -> None:
-    try:
-        from vllm.v1.worker.gpu.model_runner import GPUModelRunner
-    except Exception as e:  # noqa: BLE001 - V2 is optional (GPU builds)
-        log.debug("steerkernel: no V2 model runner (%s)", e)
-        return
+def _wrap_prepare_inputs_v2(orig):
+    def prepare_inputs(self, *args, **kwargs):
+        ib = orig(self, *args, **kwargs)
+        st = _state(self)
+        if st is not None:
+            st.set_layout(list(ib.req_ids), ib.num_scheduled_tokens, ib.num_computed_tokens_np)
+        return ib
+    return prepare_inputs
 
-    def make_prepare(orig):
-        def prepare_inputs(self, *args, **kwargs):
-            ib = orig(self, *args, **kwargs)
-            st = _state(self)
-            if st is not None:
-                st.set_layout(list(ib.req_ids), ib.num_scheduled_tokens,
-                              ib.num_computed_tokens_np)
-            return ib
-        return prepare_inputs
 
-    _wrap(GPUModelRunner, "execute_model", lambda f: _make_execute(f, True))
-    _wrap(GPUModelRunner, "prepare_inputs", make_prepare)
+#: touch-point kind (:mod:`.touchpoints`) -> the wrapper factory that goes there
+WRAPPERS: Dict[str, Callable] = {
+    "input_processing": _wrap_process_inputs,
+    "worker_load": _wrap_load_model,
+    "execute_v1": lambda f: _make_execute(f, False),
+    "batch_layout_v1": _wrap_prepare_inputs_v1,
+    "execute_v2": lambda f: _make_execute(f, True),
+    "batch_layout_v2": _wrap_prepare_inputs_v2,
+}
 
 
 def install() -> None:
-    """Install every hook (once per process)."""
+    """Check the installed vLLM against its touch-point table and install every wrapper
+    (once per process)."""
+    global MISSING_MESSAGE
     if _INSTALLED.get("done"):
         return
     from .norm import register_norm
@@ -246,11 +219,27 @@ def install() -> None:
                     "steerkernel stays inactive")
         _INSTALLED["done"] = True
         return
-    _patch_frontend()
-    _patch_worker()
-    _patch_runner_v1()
-    _patch_runner_v2()
-    if MISSING:
-        log.warning("steerkernel: vLLM hooks not found (a config with a bank will be "
-                    "refused): %s", ", ".join(MISSING))
+    version = touchpoints.installed_vllm_version()
+    key, exact = touchpoints.table_version(version)
+    tables = touchpoints.TOUCH_POINTS
+    if not exact:
+        log.warning("steerkernel: no touch-point table for vLLM %s (tables: %s); checking it "
+                    "against vLLM %s's", version, ", ".join(sorted(tables)), key)
+    missing = []
+    for tp in tables[key]:
+        try:
+            owner = touchpoints.find_owner(tp)
+        except LookupError as e:
+            if tp.optional:
+                log.debug("steerkernel: optional vLLM touch point %s absent (%s)", tp.kind, e)
+            else:
+                missing.append((tp, str(e)))
+            continue
+        _wrap(owner, tp.attr, WRAPPERS[tp.kind])
+        if tp.kind == "worker_load" and not hasattr(owner, "steerkernel_rpc"):
+            owner.steerkernel_rpc = _steerkernel_rpc
+    MISSING[:] = [tp.target for tp, _ in missing]
+    MISSING_MESSAGE = touchpoints.missing_message(version, key, missing)
+    if MISSING_MESSAGE:
+        log.warning("%s (an engine with a steerkernel config will be refused)", MISSING_MESSAGE)
     _INSTALLED["done"] = True

@@ -4,7 +4,9 @@ One :class:`WorkerState` per model runner, created after the model is loaded whe
 ``additional_config`` has a ``steerkernel`` section.  Everything the junction reads on the
 device is allocated here once and only ever written in place:
 
-* ``V[i]``: the bank's ``[K, d]`` directions at bank layer position ``i``;
+* ``V[i]``: the bank's ``[K, d]`` directions at bank layer position ``i``, read by
+  ``junctions[i]``, the :class:`~steerkernel.integrations.site.JunctionSite` that makes the
+  call at that layer;
 * ``tables``: :class:`~steerkernel.steering.SlotTables` ``[L, P, K]`` (+ gates, latch);
 * ``slot_buf``: int32 ``[T_max]``, the slot of every token row of the current forward (rows
   past the forward's real tokens, e.g. CUDA-graph padding, are 0: the identity);
@@ -37,8 +39,9 @@ from torch import Tensor
 
 from ... import backends
 from ...errors import SpecError
-from ...ops.junction import MODEL_DTYPES, prepare_junction
+from ...ops import MODEL_DTYPES
 from ...steering import CompiledProgram, SlotTables
+from ..site import JunctionSite, Scratch, Steering
 from .config import (PluginConfig, RequestArgs, check_bank_fits, compile_cached, external_id,
                      load_bank, request_args)
 from .norm import site_modules
@@ -157,8 +160,9 @@ class WorkerState:
         self.P = P
         self.tables = SlotTables(L, P, K, self.device)
         self.slot_buf = torch.zeros(self.T_max, dtype=torch.int32, device=self.device)
-        self.norms = torch.empty(self.T_max, device=self.device)
-        self.scratch = torch.empty(self.T_max, K, device=self.device)
+        self.scratch = Scratch(K, self.device, rows=self.T_max)
+        self.junctions = [JunctionSite(self.op, self.scratch, V=v, tables=self.tables, layer=i)
+                          for i, v in enumerate(self.V)]
         self._ones: Dict[Tuple, Tensor] = {}
         self._free = list(range(P - 1, 0, -1))
         self.reqs: Dict[str, _Request] = {}
@@ -191,16 +195,12 @@ class WorkerState:
         # the modules whose (x, residual) calls become junctions; validate every buffer the
         # hot path hands the raw op once, here, before anything runs
         self.sites = site_modules(model, self.layers, self.num_layers)
-        r = torch.zeros(1, self.d, device=self.device, dtype=self.dtype)
-        slot = torch.zeros(1, dtype=torch.int32, device=self.device)
         for i, norm in enumerate(self.sites):
-            if norm is None:
-                continue
-            a = self.tables.layer_args(i)
-            prepare_junction(r, self.V[i], r.clone(), slot, *a[:6], latch=a[6],
-                             weight=self._weight(norm), eps=float(norm.variance_epsilon),
-                             backend=self.backend, scores=self._scores(i, 1),
-                             norms=self.norms[:1])
+            if norm is not None:
+                self.junctions[i].validate(self.d, self.dtype, self.backend,
+                                           weight=self._weight(norm),
+                                           eps=float(norm.variance_epsilon),
+                                           scores=self._scores(i, 1))
         for i, norm in enumerate(self.sites):
             if norm is not None:
                 norm._sk_site = _Site(self, i)
@@ -224,7 +224,7 @@ class WorkerState:
     def _scores(self, i: int, T: int) -> Tensor:
         if self.monitor is not None:
             return self.monitor.buffer[i, :T]
-        return self.scratch[:T]
+        return self.scratch.scores(T)
 
     def junction(self, i: int, norm, x: Tensor, residual: Tensor):
         """``residual += x``; readout at bank layer ``i``; per-slot steering; RMSNorm.  Returns
@@ -238,34 +238,26 @@ class WorkerState:
         if not x2.is_contiguous():
             x2 = x2.contiguous()
         T = r2.shape[0]
-        out = torch.empty_like(x2)
+        site = self.junctions[i]
         w = self._weight(norm)
         eps = float(norm.variance_epsilon)
         if torch.compiler.is_compiling():
             # compiled (and graph-captured) forwards read the static buffers every time:
             # no host-side branch on per-step state can be baked into the graph
-            shift, lo, hi, gc, gt, ga, latch = self.tables.layer_args(i)
-            self.op(r2, self.V[i], x2, self.slot_buf[:T], shift, lo, hi, gc, gt, ga, latch,
-                    w, eps, self._scores(i, T), self.norms[:T], out)
+            every_table = Steering(self.slot_buf[:T], gated=True, latched=True)
+            out = site(r2, x2, steering=every_table, scores=self._scores(i, T), weight=w,
+                       eps=eps)
             return out.view(shape), residual
         f = self.fwd
         if T > self.T_max:  # never in a scheduled forward (T <= max_num_batched_tokens)
-            self.op(r2, self.V[i], x2, None, None, None, None, None, None, None, None, w, eps,
-                    torch.empty(T, self.K, device=self.device),
-                    torch.empty(T, device=self.device), out)
-            return out.view(shape), residual
-        scores = self._scores(i, T) if f is not None else self.scratch[:T]
-        if f is None or not f.steered:  # monitoring only: the update pass is skipped
-            self.op(r2, self.V[i], x2, None, None, None, None, None, None, None, None, w, eps,
-                    scores, self.norms[:T], out)
-            return out.view(shape), residual
-        shift, lo, hi, gc, gt, ga, latch = self.tables.layer_args(i)
-        if not f.gated:
-            gc = gt = ga = latch = None
-        elif not f.latched:
-            latch = None
-        self.op(r2, self.V[i], x2, self.slot_buf[:T], shift, lo, hi, gc, gt, ga, latch, w, eps,
-                scores, self.norms[:T], out)
+            return site(r2, x2, weight=w, eps=eps).view(shape), residual
+        scores = steering = None
+        if f is not None:
+            scores = self._scores(i, T)
+            if f.steered:  # (else monitoring only: the update pass is skipped)
+                # rows past the layout's (e.g. CUDA-graph padding) have slot 0
+                steering = Steering(self.slot_buf[:T], f.gated, f.latched)
+        out = site(r2, x2, steering=steering, scores=scores, weight=w, eps=eps)
         return out.view(shape), residual
 
     # ------------------------------------------------------------------ requests
