@@ -3,13 +3,9 @@
 A :class:`Program` is a list of :class:`Steer` entries.  Each entry names a concept of a concept
 bank, an operation on that concept's projection ``p = v·h`` (``v`` the unit direction at a layer,
 ``h`` the residual stream at the output of that decoder layer), the layers and the tokens it
-applies to, and an optional gate on another concept's projection.  The junction op
-(docs/design.md §2) applies, for every token row whose slot is ``s``::
-
-    q = clamp(p + shift[s], lo[s], hi[s])          # per concept, all K at once
-    h = h + Vᵀ (q - p)
-
-so every operation is a ``(shift, lo, hi)`` triple per (layer, concept):
+applies to, and an optional gate on another concept's projection.  The junction op edits each
+concept's projection through per-slot ``(shift, lo, hi)`` tables (docs/design.md §2, the one
+statement of the math), so every operation is a ``(shift, lo, hi)`` triple per (layer, concept):
 
 ==============  ===========================  =====  ======  ======
 operation       meaning                      shift  lo      hi
