@@ -79,7 +79,7 @@ fi
 # ---- 2. tests, check, sanitize in parallel
 tests=()
 if [ "$DRY" = 1 ]; then candidates="tests/test_junction.py"  # the interpreter is slow
-else candidates="tests/test_junction.py tests/test_triton_junction.py tests/test_batch_invariance.py"; fi
+else candidates="tests/test_junction.py tests/test_triton_junction.py tests/test_batch_invariance.py tests/test_cuda_compile.py"; fi
 for t in $candidates; do [ -f "$t" ] && tests+=("$t"); done
 stage tests 150 "$OUT/tests.log" "$PY" -m pytest "${tests[@]}" -q -x -p no:cacheprovider &
 P_TESTS=$!

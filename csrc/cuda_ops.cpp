@@ -3,9 +3,9 @@
 // from steerkernel._C (csrc/ops.cpp), which must be imported first.
 //
 // This file is the torch side only: check_and_pack (checks.cpp, shared with the CPU impl) into
-// the torch-free JunctionParams, device guard, current stream and the per-call `fired [P]`
-// scratch from the caching allocator.  The kernels (docs/design.md §2) and their launch logic
-// live in junction_cuda.cu.
+// the torch-free JunctionParams, device guard, the device's current stream, and (only for a
+// latch over more than 65536 slots) a latch scratch from the caching allocator.  The kernels
+// (docs/design.md §2), the latch merge and the launch logic live in junction_cuda.cu.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -88,21 +88,26 @@ void junction_cuda(const at::Tensor& residual, const OptTensor& V, const OptTens
                                   gate_threshold, gate_above, latch, weight, eps, scores, norms,
                                   out, c10::DeviceType::CUDA);
   if (p.T == 0) return;
+  // Everything below (attribute queries, the scratch allocation, the launches) runs on
+  // residual's device, on that device's current stream.
   const c10::cuda::CUDAGuard guard(residual.device());
-  const cuda::DeviceInfo dev = device_info(residual.device().index());
+  const c10::DeviceIndex index = residual.device().index();
+  const cuda::DeviceInfo dev = device_info(index);
   const char* why = cuda::unsupported(p, dev);
   TORCH_CHECK(why == nullptr, "steerkernel.junction (cuda): d = ", p.d, ", K = ", p.K, ": ",
               why != nullptr ? why : "");
-  // Per-call scratch (int32 [P]) from the caching allocator: graph-capture safe; launch()
-  // zeroes it on the stream.
-  at::Tensor fired;
-  if (p.latch != nullptr) {
-    fired = at::empty({p.P}, latch->options());
-    p.fired = fired.data_ptr<int32_t>();
+  // The latch merge happens inside the kernel, on a per-device scratch that is zero at rest
+  // (module memory: nothing to allocate, also during graph capture).  Only a latch over more
+  // slots than that scratch holds needs a buffer: per call, from the caching allocator
+  // (graph-capture safe; launch() zeroes it on the stream).
+  at::Tensor scratch;
+  const int64_t words = cuda::latch_scratch_words(p);
+  if (words > 0) {
+    scratch = at::empty({words}, latch->options());
+    p.fired = scratch.data_ptr<int32_t>();
   }
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(residual.device().index()).stream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(index).stream();
   C10_CUDA_CHECK(cuda::launch(p, current_path(), dev, stream));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace steerkernel

@@ -18,7 +18,9 @@ namespace cuda {
 
 using Params = JunctionParams;
 
-// Which kernels a call uses (see junction_cuda.cu, "Paths").
+// Which kernels a call uses (see junction_cuda.cu, "kernel choice"): automatic, the fused
+// rows kernel, or the split path (projection kernel, then the rows kernel).  Every path gives
+// the same bits.
 enum class Path : int { automatic = 0, row = 1, split = 2 };
 
 // What the device offers (queried once per device by the caller).
@@ -28,13 +30,20 @@ struct DeviceInfo {
 };
 
 // nullptr when `launch` can take these sizes on this device, else why not (the one limit:
-// shared memory per block must hold the K fp32 projections of the rows of a block, plus the
-// fp32 row itself when the row layout needs the shared-memory fallback kernel).
+// shared memory per block must hold the K fp32 projections (and the K-entry update list) of
+// the rows of a block, plus the fp32 row itself when the row layout needs the shared-memory
+// fallback kernel).
 const char* unsupported(const Params& p, const DeviceInfo& dev);
 
-// Launch the junction on `stream` (no allocation, no host sync; CUDA-graph capturable).
-// Preconditions (checked by the caller): the Params shapes of junction_params.h, `fired` set
-// (any contents: launch zeroes it) when `latch` is, and unsupported() == nullptr.  Returns the
+// int32 words of latch scratch the caller must pass in `Params::fired` (any contents) for
+// this call: 0, the usual case, when the kernels use their built-in per-device scratch (a
+// latch over at most 65536 slots, or no latch); else 1 + ceil(P / 32).
+int64_t latch_scratch_words(const Params& p);
+
+// Launch the junction on `stream`: one kernel (two on the split path), no allocation, no host
+// sync, CUDA-graph capturable; the latch merge happens inside the (last) kernel.
+// Preconditions (checked by the caller): the Params shapes of junction_params.h,
+// unsupported() == nullptr, and `fired` set when latch_scratch_words() > 0.  Returns the
 // first launch error (cudaSuccess when every launch went out); the caller turns it into an
 // exception.
 cudaError_t launch(const Params& p, Path path, const DeviceInfo& dev, cudaStream_t stream);
