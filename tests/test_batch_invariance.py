@@ -21,8 +21,17 @@ def _available():
     for name in ("cpu", "triton", "cuda"):
         ok, _ = backends.backend_status()[name]
         if ok:
-            out.append(name)
+            out.append(pytest.param(name, marks=KNOWN_BROKEN[name]) if name in KNOWN_BROKEN
+                       else name)
     return out
+
+
+#: Open bugs, held as strict xfails so the test fails the day they are fixed (then drop them).
+KNOWN_BROKEN = {
+    "triton": pytest.mark.xfail(strict=True, reason=(
+        "issue 13: the Triton row kernel (T < 64) and tile kernel (T >= 64) reduce in different "
+        "orders, so scores differ by ulps across the switch; the fix is on branch wip/issue-13")),
+}
 
 
 def _device(backend):
