@@ -27,22 +27,43 @@
 namespace steerkernel {
 namespace cpu {
 
+// Per-thread scratch of the tile kernel (sized by tile_scratch_floats / _ints for n_max rows):
+//   hbuf   [n_max, ldh]  fp32 copies of the rows the projection reads (16-bit rows; fp32 rows
+//                        too when copy_f32: a padded stride keeps the rows of a register
+//                        block out of one L1 set when the residual's row stride is a
+//                        multiple of 1 KiB)
+//   p, dq  [n_max, K]    projections and q - p of steered rows
+//   sumsq  [n_max]       ||h||^2 per row
+//   nks    [kMaxTileRows], ks [groups, K]: concept lists of the steering update
+struct TileScratch {
+  float* hbuf;
+  float* p;
+  float* dq;
+  float* sumsq;
+  int32_t* nks;
+  int32_t* ks;
+  bool copy_f32;
+};
+
 // The tile kernel reads the shared JunctionParams (junction_params.h); it only reads `latch`
 // (state at call start) and flags firing slots in the per-call `fired` [P].
-using TileFn = void (*)(const JunctionParams&, int64_t t0, int n, float* fs, int32_t* is);
+using TileFn = void (*)(const JunctionParams&, int64_t t0, int n, const TileScratch&);
+
 template <class T>
 constexpr bool kIsF32 = std::is_same<T, float>::value;
 template <class T>
 constexpr bool kIsBF16 = std::is_same<T, bf16>::value;
 constexpr int kMaxTileRows = 64;
 
-// Row stride of the fp32 h scratch of a tile (16-bit residuals): d rounded up to 16 floats.
-inline int64_t h_stride(int64_t d) { return (d + 15) / 16 * 16; }
+// Row stride of the fp32 h scratch of a tile: d rounded up to 16 floats, plus 16 when that
+// is a multiple of 256 floats (so that consecutive rows start in different L1 sets).
+inline int64_t h_stride(int64_t d) {
+  const int64_t s = (d + 15) / 16 * 16;
+  return s % 256 == 0 ? s + 16 : s;
+}
 
-// Scratch of one tile of n rows (see junction_tile): h [n, ldh] (16-bit residuals), p and dq
-// [n, K], sumsq [n]; ints: per-group concept counts and lists.
-inline int64_t tile_scratch_floats(int64_t n, int64_t K, int64_t ldh, bool f32) {
-  return (f32 ? 0 : n * ldh) + 2 * n * K + n;
+inline int64_t tile_scratch_floats(int64_t n, int64_t K, int64_t ldh, bool hbuf) {
+  return (hbuf ? n * ldh : 0) + 2 * n * K + n;
 }
 inline int64_t tile_scratch_ints(int64_t n, int64_t K) {
   return kMaxTileRows + ((n + 3) / 4) * K;
@@ -156,11 +177,17 @@ void junction_cpu(const at::Tensor& residual, const OptTensor& V, const OptTenso
   std::vector<int32_t> fired(a.latch != nullptr ? P : 0, 0);
   a.fired = a.latch != nullptr ? fired.data() : nullptr;
   const int64_t ldh = cpu::h_stride(d);
+  // fp32 rows are read in place by the projection, except when their stride (a multiple of
+  // 1 KiB) would put a register block's rows in one L1 set and the projection is heavy
+  // enough (many concepts, several rows) to repay the copy: then pass A also writes them to
+  // the padded scratch (bit-identical values either way, so the choice may depend on T)
+  const bool copy_f32 = f32 && K >= 64 && T >= 16 && (a.residual_stride % 256) == 0;
+  const bool hbuf = !f32 || copy_f32;
 
   // Tiles: as many rows (4 .. 64, a multiple of 4) as keep the tile's fp32 rows and its p / dq
   // scratch within ~192 KiB of L2.  Threads: chunks of at least ~2^18 multiply-adds of work
   // (d * (K + 4) per row), so small calls stay on the calling thread.
-  const int64_t row_bytes = 4 * ldh + 8 * K;
+  const int64_t row_bytes = 4 * ldh + 8 * K;  // fp32 row (in place or copy) + p, dq
   const int64_t tile_rows =
       std::min<int64_t>(cpu::kMaxTileRows, std::max<int64_t>(4, (192 * 1024 / row_bytes) / 4 * 4));
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / (d * (K + 4)));
@@ -169,10 +196,19 @@ void junction_cpu(const at::Tensor& residual, const OptTensor& V, const OptTenso
     // equal tiles (a multiple of 4 rows, at most tile_rows) rather than full tiles and a stub
     const int64_t rows = end - begin, ntiles = (rows + tile_rows - 1) / tile_rows;
     const int64_t n_max = std::min(rows, ((rows + ntiles - 1) / ntiles + 3) / 4 * 4);
-    std::unique_ptr<float[]> fs(new float[cpu::tile_scratch_floats(n_max, K, ldh, f32)]);
+    const int64_t nf = cpu::tile_scratch_floats(n_max, K, ldh, hbuf);
+    std::unique_ptr<float[]> fs(new float[nf]);
     std::unique_ptr<int32_t[]> is(new int32_t[cpu::tile_scratch_ints(n_max, K)]);
+    cpu::TileScratch sc;
+    sc.hbuf = fs.get();
+    sc.p = sc.hbuf + (hbuf ? n_max * ldh : 0);
+    sc.dq = sc.p + n_max * K;
+    sc.sumsq = sc.dq + n_max * K;
+    sc.nks = is.get();
+    sc.ks = sc.nks + cpu::kMaxTileRows;
+    sc.copy_f32 = copy_f32;
     for (int64_t t0 = begin; t0 < end; t0 += n_max)
-      tile(a, t0, static_cast<int>(std::min(n_max, end - t0)), fs.get(), is.get());
+      tile(a, t0, static_cast<int>(std::min(n_max, end - t0)), sc);
   });
 
   if (a.latch != nullptr) {  // slots with a firing token latch on, after every decision

@@ -2,57 +2,185 @@
 //
 // Written once against the `Vec` interface of cpu_vec.h and compiled once per instruction set:
 // junction_cpu.cpp includes this file inside each ISA namespace of cpu_vec.h (where `Vec` is
-// that ISA's type), under that ISA's `#pragma GCC target`, after declaring `TileFn`, `h_stride`,
-// `kIsF32`, `kIsBF16` and `kMaxTileRows` (the call's parameters: JunctionParams of
-// junction_params.h; K == 0, i.e. no V, skips the projection and the readout).  No include
-// guard on purpose.
+// that ISA's type), under that ISA's `#pragma GCC target`, after declaring `TileFn`,
+// `h_stride`, `kIsF32`, `kIsBF16`, `kMaxTileRows` and `TileScratch` (the call's parameters:
+// JunctionParams of junction_params.h; K == 0, i.e. no V, skips the projection and the
+// readout).  No include guard on purpose.
 // Nothing from std:: or ATen is called here (see cpu_vec.h for why).
 //
-// One call handles n <= kMaxTileRows consecutive rows t0 .. t0+n-1 (a "tile") in five passes
-// while the tile is hot in L2:
-//   1. h = residual + x, stored in the residual dtype; sumsq = ||h||^2; for 16-bit rows an fp32
-//      copy of the stored value feeds the fp32 projection (fp32 rows are read in place)
-//   2. p = V h for the whole tile, in register blocks of kRows rows x kDotK concepts, each
-//      block of V rows reused across the tile's rows (bf16 x bf16 with AVX512-BF16: vdpbf16ps
-//      straight on the stored residual rows)
-//   3. scores, norms, slot / gate / latch decisions, dq = clamp(p + shift, lo, hi) - p
-//   4. for steered rows only: h += V^T dq over the concepts with dq != 0 (NaN counts as != 0),
+// One call handles n <= kMaxTileRows consecutive rows t0 .. t0+n-1 (a "tile", sized by the
+// caller to stay in L2) in five passes:
+//   A. row by row: h = residual + x, stored in the residual dtype; sumsq = ||h||^2; the fp32
+//      value of the stored h also goes to the scratch row the projection reads when the rows
+//      are 16-bit, or fp32 with a row stride that would alias in L1 (fp32 rows are otherwise
+//      read in place).
+//   B. p = V h for the whole tile, in register blocks of kRows rows x (up to) kDotK concepts;
+//      concept blocks are the outer loop, so a block of V rows is fetched once per tile and
+//      reused from L1/L2 by every row block (bf16 x bf16 with AVX512-BF16: vdpbf16ps straight
+//      on the stored residual rows).
+//   C. scores, norms, slot / gate / latch decisions, dq = clamp(p + shift, lo, hi) - p
+//   D. for steered rows only: h += V^T dq over the concepts with dq != 0 (NaN counts as != 0),
 //      in blocks of kRows rows x kUpdV vectors of columns, V panel reused across the tile;
 //      read from and stored back to the residual row (fp32 in registers, one rounding)
-//   5. out = h * rsqrt(mean(h^2) + eps) * weight from the stored residual (sumsq recomputed
-//      only for steered rows)
+//   E. out = h * rsqrt(mean(h^2) + eps) * weight from the stored h: the residual row, or for
+//      unsteered rows its exact fp32 copy when there is one (still in L2 after pass B);
+//      sumsq recomputed only for steered rows
+//
+// Row results never depend on the tile: every per-row sum (projection, sumsq) is accumulated
+// in the same order whatever the row's block, tile or thread (each (row, concept) projection
+// is one vector accumulator over the column steps in order, then the same reduce_add4 tree
+// whatever its position), so a row's outputs are bit-identical for any batch size or position
+// (tests/test_batch_invariance.py).
 
-constexpr int kRows = 4;                       // rows per register block
-constexpr int kDotK = Vec::W == 16 ? 4 : 2;    // concepts per projection block (acc = 16 / 8)
-constexpr int kUpdV = Vec::W == 16 ? 4 : 2;    // vectors per update block (acc = 16 / 8)
+constexpr int kRows = 4;                     // rows per register block
+constexpr int kDotK = Vec::W == 16 ? 6 : 2;  // concepts per projection block (acc = 24 / 8)
+constexpr int kUpdV = Vec::W == 16 ? 4 : 2;  // vectors per update block (acc = 16 / 8)
 
-// p[r * ldp + c] = sum_j h[r][j] * V[c * d + j]  for r < R, c < KB (fp32 accumulation).
-template <int R, int KB, class Vt>
-inline void dot_block(const float* const* h, const Vt* V, int64_t d, float* p, int64_t ldp) {
+// Concepts in the projection block starting at k0: kmax (kDotK, or 4 where kDotK rows of V
+// plus the block's h rows would all fall in one L1 set), fewer for the last block.  The block
+// structure does not change any result: each (row, concept) sum is the same whatever block
+// it is computed in.
+inline int block_width(int64_t K, int64_t k0, int kmax) {
+  return K - k0 < kmax ? static_cast<int>(K - k0) : kmax;
+}
+
+// Pass A for one row: h = residual + x, stored in the residual dtype; with `copy` the stored
+// value also goes to the fp32 row hr (the projection's input); returns sumsq.
+template <bool kCopy, class St>
+inline float add_row(St* rr, const St* xr, float* hr, int64_t d) {
+  constexpr int W = Vec::W;
+  constexpr bool f32 = kIsF32<St>;
+  const int64_t dv = d - d % W;
+  Vec acc = Vec::zero();
+  if (xr) {
+    for (int64_t j = 0; j < dv; j += W) {
+      Vec v = Vec::load(rr + j) + Vec::load(xr + j);
+      v.store(rr + j);
+      if constexpr (!f32) v = Vec::load(rr + j);  // the stored (rounded) value
+      if constexpr (kCopy) v.store(hr + j);
+      acc = fma(v, v, acc);
+    }
+  } else {
+    for (int64_t j = 0; j < dv; j += W) {
+      const Vec v = Vec::load(rr + j);
+      if constexpr (kCopy) v.store(hr + j);
+      acc = fma(v, v, acc);
+    }
+  }
+  float ss = reduce_add(acc);
+  for (int64_t j = dv; j < d; ++j) {
+    if (xr) from_f32(to_f32(rr[j]) + to_f32(xr[j]), rr + j);
+    const float v = to_f32(rr[j]);
+    if constexpr (kCopy) hr[j] = v;
+    ss += v * v;
+  }
+  return ss;
+}
+
+// Pass E for one row: o = h * inv * w, h read back from the stored residual row (Ht = St) or
+// from its exact fp32 copy (Ht = float).
+template <class Ht, class Wt, class St>
+inline void norm_row(const Ht* hr, float inv, const Wt* w, St* o, int64_t d) {
   constexpr int W = Vec::W;
   const int64_t dv = d - d % W;
+  const Vec vinv = Vec::set1(inv);
+  for (int64_t j = 0; j < dv; j += W) (Vec::load(hr + j) * vinv * Vec::load(w + j)).store(o + j);
+  for (int64_t j = dv; j < d; ++j) from_f32(to_f32(hr[j]) * inv * to_f32(w[j]), o + j);
+}
+
+template <class St>
+inline float sumsq_row(const St* hr, int64_t d) {
+  constexpr int W = Vec::W;
+  const int64_t dv = d - d % W;
+  Vec acc = Vec::zero();
+  for (int64_t j = 0; j < dv; j += W) {
+    const Vec v = Vec::load(hr + j);
+    acc = fma(v, v, acc);
+  }
+  float ss = reduce_add(acc);
+  for (int64_t j = dv; j < d; ++j) ss += to_f32(hr[j]) * to_f32(hr[j]);
+  return ss;
+}
+
+inline float rms_inv(float ss, int64_t d, float eps) {
+  return 1.f / __builtin_sqrtf(ss / static_cast<float>(d) + eps);
+}
+
+// Sums of the KB accumulators of one row, each by the same reduce_add4 tree (zero vectors
+// fill the last group), plus the scalar tail columns: p[c] for c < KB.
+template <int KB, class Ht, class Vt>
+inline void finish_row(const Vec* acc, const Ht* h, const Vt* const* vp, int64_t dv, int64_t d,
+                       float* p) {
+  float s[(KB + 3) / 4 * 4];
+#pragma GCC unroll 4
+  for (int c = 0; c < KB; c += 4)
+    reduce_add4(acc[c], c + 1 < KB ? acc[c + 1] : Vec::zero(),
+                c + 2 < KB ? acc[c + 2] : Vec::zero(), c + 3 < KB ? acc[c + 3] : Vec::zero(),
+                s + c);
+  for (int c = 0; c < KB; ++c) {
+    for (int64_t j = dv; j < d; ++j) s[c] += to_f32(h[j]) * to_f32(vp[c][j]);
+    p[c] = s[c];
+  }
+}
+
+// Projection of one register block: p[r][c] = <h[r], V[c]> for R rows x KB concepts (fp32
+// accumulation over the column steps in order).
+template <int R, int KB, class Ht, class Vt>
+__attribute__((noinline)) void dot_block(const Ht* const* h_, const Vt* const* vp_, int64_t d,
+                                         float* const* p) {
+  constexpr int W = Vec::W;
+  const int64_t dv = d - d % W;
+  const Ht* h[R];  // local copies: registers, not reloaded around the loads
+  const Vt* vp[KB];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) h[r] = h_[r];
+#pragma GCC unroll 8
+  for (int c = 0; c < KB; ++c) vp[c] = vp_[c];
   Vec acc[R][KB];
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
     for (int c = 0; c < KB; ++c) acc[r][c] = Vec::zero();
   for (int64_t j = 0; j < dv; j += W) {
     Vec hv[R];
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) hv[r] = Vec::load(h[r] + j);
+#pragma GCC unroll 8
     for (int c = 0; c < KB; ++c) {
-      const Vec v = Vec::load(V + c * d + j);
+      const Vec v = Vec::load(vp[c] + j);
+#pragma GCC unroll 8
       for (int r = 0; r < R; ++r) acc[r][c] = fma(hv[r], v, acc[r][c]);
     }
   }
-  for (int r = 0; r < R; ++r) {
-    float s[KB];
-    if constexpr (KB == 4)
-      reduce_add4(acc[r][0], acc[r][1], acc[r][2], acc[r][3], s);
-    else
-      for (int c = 0; c < KB; ++c) s[c] = reduce_add(acc[r][c]);
-    for (int c = 0; c < KB; ++c) {
-      for (int64_t j = dv; j < d; ++j) s[c] += h[r][j] * to_f32(V[c * d + j]);
-      p[r * ldp + c] = s[c];
+  for (int r = 0; r < R; ++r) finish_row<KB>(acc[r], h[r], vp, dv, d, p[r]);
+}
+
+template <int KB, class Ht, class Vt>
+inline void dot_rows(int R, const Ht* const* h, const Vt* const* vp, int64_t d,
+                     float* const* p) {
+  switch (R) {
+    case 4: return dot_block<4, KB>(h, vp, d, p);
+    case 3: return dot_block<3, KB>(h, vp, d, p);
+    case 2: return dot_block<2, KB>(h, vp, d, p);
+    default: return dot_block<1, KB>(h, vp, d, p);
+  }
+}
+
+// p for R <= kRows rows x KB <= kDotK concepts.
+template <class Ht, class Vt>
+inline void dot_any(int R, int KB, const Ht* const* h, const Vt* const* vp, int64_t d,
+                    float* const* p) {
+  if constexpr (kDotK == 6) {
+    switch (KB) {
+      case 6: return dot_rows<6>(R, h, vp, d, p);
+      case 5: return dot_rows<5>(R, h, vp, d, p);
+      case 4: return dot_rows<4>(R, h, vp, d, p);
+      case 3: return dot_rows<3>(R, h, vp, d, p);
+      default: break;
     }
   }
+  if (KB == 2) return dot_rows<2>(R, h, vp, d, p);
+  dot_rows<1>(R, h, vp, d, p);
 }
 
 #ifdef STEERKERNEL_BF16_DOT
@@ -61,16 +189,28 @@ inline void dot_block(const float* const* h, const Vt* V, int64_t d, float* p, i
 // (zero-filled past d), so the tail needs no scalar loop.  The instruction reads inputs below
 // 2^-126 as zero and flushes tiny products (DAZ / FTZ): an error below 1e-38 per term.
 template <int R, int KB>
-inline void dot_block(const bf16* const* h, const bf16* V, int64_t d, float* p, int64_t ldp) {
+__attribute__((noinline)) void pair_dot_block(const bf16* const* h_, const bf16* const* vp_,
+                                              int64_t d, float* const* p) {
+  const bf16* h[R];
+  const bf16* vp[KB];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) h[r] = h_[r];
+#pragma GCC unroll 8
+  for (int c = 0; c < KB; ++c) vp[c] = vp_[c];
   __m512 acc[R][KB];
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
     for (int c = 0; c < KB; ++c) acc[r][c] = _mm512_setzero_ps();
   const int64_t dv = d - d % 32;
   for (int64_t j = 0; j < dv; j += 32) {
     __m512i hv[R];
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) hv[r] = _mm512_loadu_si512(h[r] + j);
+#pragma GCC unroll 8
     for (int c = 0; c < KB; ++c) {
-      const __m512i v = _mm512_loadu_si512(V + c * d + j);
+      const __m512i v = _mm512_loadu_si512(vp[c] + j);
+#pragma GCC unroll 8
       for (int r = 0; r < R; ++r)
         acc[r][c] = _mm512_dpbf16_ps(acc[r][c], (__m512bh)hv[r], (__m512bh)v);
     }
@@ -80,55 +220,45 @@ inline void dot_block(const bf16* const* h, const bf16* V, int64_t d, float* p, 
     __m512i hv[R];
     for (int r = 0; r < R; ++r) hv[r] = _mm512_maskz_loadu_epi16(m, h[r] + dv);
     for (int c = 0; c < KB; ++c) {
-      const __m512i v = _mm512_maskz_loadu_epi16(m, V + c * d + dv);
+      const __m512i v = _mm512_maskz_loadu_epi16(m, vp[c] + dv);
       for (int r = 0; r < R; ++r)
         acc[r][c] = _mm512_dpbf16_ps(acc[r][c], (__m512bh)hv[r], (__m512bh)v);
     }
   }
   for (int r = 0; r < R; ++r) {
-    float s[KB];
-    if constexpr (KB == 4)
-      reduce_add4(Vec{acc[r][0]}, Vec{acc[r][1]}, Vec{acc[r][2]}, Vec{acc[r][3]}, s);
-    else
-      for (int c = 0; c < KB; ++c) s[c] = reduce_add(Vec{acc[r][c]});
-    for (int c = 0; c < KB; ++c) p[r * ldp + c] = s[c];
+    float s[(KB + 3) / 4 * 4];
+#pragma GCC unroll 4
+    for (int c = 0; c < KB; c += 4)
+      reduce_add4(Vec{acc[r][c]}, c + 1 < KB ? Vec{acc[r][c + 1]} : Vec::zero(),
+                  c + 2 < KB ? Vec{acc[r][c + 2]} : Vec::zero(),
+                  c + 3 < KB ? Vec{acc[r][c + 3]} : Vec::zero(), s + c);
+    for (int c = 0; c < KB; ++c) p[r][c] = s[c];
+  }
+}
+
+template <int KB>
+inline void pair_dot_rows(int R, const bf16* const* h, const bf16* const* vp, int64_t d,
+                          float* const* p) {
+  switch (R) {
+    case 4: return pair_dot_block<4, KB>(h, vp, d, p);
+    case 3: return pair_dot_block<3, KB>(h, vp, d, p);
+    case 2: return pair_dot_block<2, KB>(h, vp, d, p);
+    default: return pair_dot_block<1, KB>(h, vp, d, p);
+  }
+}
+
+inline void pair_dot_any(int R, int KB, const bf16* const* h, const bf16* const* vp, int64_t d,
+                         float* const* p) {
+  switch (KB) {
+    case 6: return pair_dot_rows<6>(R, h, vp, d, p);
+    case 5: return pair_dot_rows<5>(R, h, vp, d, p);
+    case 4: return pair_dot_rows<4>(R, h, vp, d, p);
+    case 3: return pair_dot_rows<3>(R, h, vp, d, p);
+    case 2: return pair_dot_rows<2>(R, h, vp, d, p);
+    default: return pair_dot_rows<1>(R, h, vp, d, p);
   }
 }
 #endif
-
-// dot_block for a runtime row count 1 <= R <= kRows (rows: fp32 h, or bf16 with BF16 dot).
-template <int KB, class Ht, class Vt>
-inline void dot_rows(const Ht* const* h, int R, const Vt* V, int64_t d, float* p,
-                     int64_t ldp) {
-  switch (R) {
-    case 4: dot_block<4, KB>(h, V, d, p, ldp); break;
-    case 3: dot_block<3, KB>(h, V, d, p, ldp); break;
-    case 2: dot_block<2, KB>(h, V, d, p, ldp); break;
-    default: dot_block<1, KB>(h, V, d, p, ldp); break;
-  }
-}
-
-// p[r * K + k] = <h[r], V[k]> for the n rows of a tile: blocks of kDotK concepts (outer loop,
-// so a block of V rows stays in L1/L2 while every row of the tile passes; the K % kDotK rest is
-// one narrower block, not one pass over the tile per concept) x kRows rows.
-template <class Ht, class Vt>
-inline void project_tile(const Ht* const* h, int n, const Vt* V, int64_t d, int64_t K,
-                         float* p) {
-  for (int64_t k0 = 0; k0 < K; k0 += kDotK) {
-    const int64_t kb = K - k0 < kDotK ? K - k0 : kDotK;
-    for (int r0 = 0; r0 < n; r0 += kRows) {
-      const int R = n - r0 < kRows ? n - r0 : kRows;
-      const Vt* const Vb = V + k0 * d;
-      float* const pb = p + r0 * K + k0;
-      switch (kb) {
-        case 4: dot_rows<4>(h + r0, R, Vb, d, pb, K); break;
-        case 3: dot_rows<3>(h + r0, R, Vb, d, pb, K); break;
-        case 2: dot_rows<2>(h + r0, R, Vb, d, pb, K); break;
-        default: dot_rows<1>(h + r0, R, Vb, d, pb, K); break;
-      }
-    }
-  }
-}
 
 // Columns [j, j + NV*W) of R steered residual rows, in fp32 and stored back in St:
 //   res[r] += sum_{i < nk} dq[r][ks[i]] * V[ks[i]]
@@ -137,18 +267,25 @@ inline void update_block(St* const* res, const float* const* dq, const int32_t* 
                          const Vt* V, int64_t d, int64_t j) {
   constexpr int W = Vec::W;
   Vec acc[R][NV];
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
     for (int c = 0; c < NV; ++c) acc[r][c] = Vec::load(res[r] + j + c * W);
   for (int i = 0; i < nk; ++i) {
     const int64_t k = ks[i];
     Vec v[NV];
+#pragma GCC unroll 8
     for (int c = 0; c < NV; ++c) v[c] = Vec::load(V + k * d + j + c * W);
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const Vec s = Vec::set1(dq[r][k]);
+#pragma GCC unroll 8
       for (int c = 0; c < NV; ++c) acc[r][c] = fma(s, v[c], acc[r][c]);
     }
   }
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
     for (int c = 0; c < NV; ++c) acc[r][c].store(res[r] + j + c * W);
 }
 
@@ -163,17 +300,16 @@ inline void update_rows(St* const* res, const float* const* dq, int R, const int
   }
 }
 
-// Rows t0 .. t0+n-1 (n <= kMaxTileRows).  Scratch: fs holds tile_scratch_floats(n, K, ldh, f32)
-// floats, is holds tile_scratch_ints(n, K) ints (see junction_cpu.cpp).
+// Rows t0 .. t0+n-1 (n <= kMaxTileRows).  Scratch: see TileScratch (junction_cpu.cpp).
 template <class St, class Vt, class Wt>
-void junction_tile(const JunctionParams& a, int64_t t0, int n, float* fs, int32_t* is) {
-  constexpr int W = Vec::W;
+void junction_tile(const JunctionParams& a, int64_t t0, int n, const TileScratch& sc) {
   constexpr bool f32 = kIsF32<St>;
   const int64_t d = a.d, K = a.K, ldh = h_stride(d);
-  const int64_t dv = d - d % W;
   St* const res0 = static_cast<St*>(a.residual);
   const St* const x0 = static_cast<const St*>(a.x);
   const Vt* const V = static_cast<const Vt*>(a.V);
+  const Wt* const w = static_cast<const Wt*>(a.weight);
+  St* const out0 = static_cast<St*>(a.out);
 
 #ifdef STEERKERNEL_BF16_DOT
   constexpr bool kPairDot = kIsBF16<St> && kIsBF16<Vt>;  // bf16 dot on the stored rows
@@ -182,60 +318,54 @@ void junction_tile(const JunctionParams& a, int64_t t0, int n, float* fs, int32_
 #endif
   constexpr bool kCopyH = !f32 && !kPairDot;  // fp32 copy of 16-bit rows for the projection
 
-  float* const hbuf = fs;                          // [n, ldh]  fp32 rows (kCopyH only)
-  float* const p = hbuf + (f32 ? 0 : n * ldh);     // [n, K]    projections
-  float* const dq = p + n * K;                     // [n, K]    q - p of steered rows
-  float* const sumsq = dq + n * K;                 // [n]       ||h||^2 after pass 1
-  float* h[kMaxTileRows];                          // fp32 rows the projection reads
-  St* res[kMaxTileRows];                           // residual rows
+  float* const p = sc.p;          // [n, K]  projections
+  float* const dq = sc.dq;        // [n, K]  q - p of steered rows
+  float* const sumsq = sc.sumsq;  // [n]     ||h||^2 after pass A
+  St* res[kMaxTileRows];
+  float* h[kMaxTileRows];
   bool steered[kMaxTileRows];
-
-  // ---- 1. h = residual + x (stored, then re-read as stored), sumsq
   for (int r = 0; r < n; ++r) {
-    St* const rr = res0 + (t0 + r) * a.residual_stride;
-    const St* const xr = x0 ? x0 + (t0 + r) * a.x_stride : nullptr;
-    float* const hr = f32 ? reinterpret_cast<float*>(rr) : hbuf + r * ldh;
-    res[r] = rr;
-    h[r] = hr;
+    res[r] = res0 + (t0 + r) * a.residual_stride;
+    h[r] = f32 && !sc.copy_f32 ? reinterpret_cast<float*>(res[r]) : sc.hbuf + r * ldh;
     steered[r] = false;
-    Vec acc = Vec::zero();
-    for (int64_t j = 0; j < dv; j += W) {
-      Vec v = Vec::load(rr + j);
-      if (xr) {
-        v = v + Vec::load(xr + j);
-        v.store(rr + j);
-        if constexpr (!f32) v = Vec::load(rr + j);
+  }
+  // ---- A: row by row (sequential streams, what the hardware prefetcher follows best)
+  const bool copy = K > 0 && (kCopyH || (f32 && sc.copy_f32));
+  for (int r = 0; r < n; ++r) {
+    const St* const xr = x0 ? x0 + (t0 + r) * a.x_stride : nullptr;
+    sumsq[r] = copy ? add_row<true>(res[r], xr, h[r], d) : add_row<false>(res[r], xr, h[r], d);
+  }
+  if (K > 0) {
+    // ---- B: concept blocks outer, row blocks inner
+    // rows read in place at a stride of a multiple of 1 KiB share their L1 set with each
+    // other (and with V's rows when d is such a multiple too): at most 4 concepts per block
+    const bool in_place = kPairDot || (f32 && !sc.copy_f32);
+    const bool aliased = (a.residual_stride * static_cast<int64_t>(sizeof(St))) % 1024 == 0;
+    const int kmax = in_place && aliased && kDotK > 4 ? 4 : kDotK;
+    for (int64_t k0 = 0; k0 < K; k0 += kmax) {
+      const int kb = block_width(K, k0, kmax);
+      const Vt* vp[kDotK];
+      for (int c = 0; c < kb; ++c) vp[c] = V + (k0 + c) * d;
+      for (int r0 = 0; r0 < n; r0 += kRows) {
+        const int R = n - r0 < kRows ? n - r0 : kRows;
+        float* pr[kRows];
+        for (int i = 0; i < R; ++i) pr[i] = p + (r0 + i) * K + k0;
+        if constexpr (kPairDot)
+          pair_dot_any(R, kb, res + r0, vp, d, pr);
+        else
+          dot_any(R, kb, h + r0, vp, d, pr);
       }
-      if constexpr (kCopyH) v.store(hr + j);
-      acc = fma(v, v, acc);
     }
-    float ss = reduce_add(acc);
-    for (int64_t j = dv; j < d; ++j) {
-      float v = to_f32(rr[j]);
-      if (xr) {
-        from_f32(v + to_f32(xr[j]), rr + j);
-        v = to_f32(rr[j]);
-      }
-      if constexpr (kCopyH) hr[j] = v;
-      ss += v * v;
-    }
-    sumsq[r] = ss;
   }
 
-  // ---- 2. p = V h
-  if constexpr (kPairDot)
-    project_tile(res, n, V, d, K, p);
-  else
-    project_tile(h, n, V, d, K, p);
-
-  // ---- 3. readout, decisions, dq
+  // ---- C. readout, decisions, dq
   int nsteer = 0;
   for (int r = 0; r < n; ++r) {
     const int64_t t = t0 + r;
     const float* const pr = p + r * K;
     if (K > 0) {
-      float* const sc = a.scores + t * a.scores_s0;
-      for (int64_t k = 0; k < K; ++k) sc[k * a.scores_s1] = pr[k];
+      float* const so = a.scores + t * a.scores_s0;
+      for (int64_t k = 0; k < K; ++k) so[k * a.scores_s1] = pr[k];
     }
     a.norms[t * a.norms_stride] = __builtin_sqrtf(sumsq[r]);
     if (!a.slot) continue;
@@ -266,9 +396,11 @@ void junction_tile(const JunctionParams& a, int64_t t0, int n, float* fs, int32_
     nsteer += any;
   }
 
-  // ---- 4. h += V^T dq for steered rows, in groups of kRows rows sharing one concept list;
+  // ---- D. h += V^T dq for steered rows, in groups of kRows rows sharing one concept list;
   //         columns in panels of kUpdV vectors (outer), so a V panel stays in L1 for all groups
   if (nsteer > 0) {
+    constexpr int W = Vec::W;
+    const int64_t dv = d - d % W;
     St* rs[kMaxTileRows];
     const float* dqs[kMaxTileRows];
     int m = 0;
@@ -279,8 +411,8 @@ void junction_tile(const JunctionParams& a, int64_t t0, int n, float* fs, int32_
         ++m;
       }
     const int ngroups = (m + kRows - 1) / kRows;
-    int32_t* const nks = is;               // [ngroups] concept count per group
-    int32_t* const ks = is + kMaxTileRows;  // [ngroups, K] concepts with dq != 0 in the group
+    int32_t* const nks = sc.nks;  // [ngroups] concept count per group
+    int32_t* const ks = sc.ks;    // [ngroups, K] concepts with dq != 0 in the group
     for (int g = 0; g < ngroups; ++g) {
       const int r0 = g * kRows, r1 = m < r0 + kRows ? m : r0 + kRows;
       int32_t* const kg = ks + g * K;
@@ -313,27 +445,18 @@ void junction_tile(const JunctionParams& a, int64_t t0, int n, float* fs, int32_
     }
   }
 
-  // ---- 5. out = h * rsqrt(mean(h^2) + eps) * weight, h read back from the stored residual
-  if (a.out) {
-    const Wt* const w = static_cast<const Wt*>(a.weight);
-    St* const out0 = static_cast<St*>(a.out);
+  // ---- E. out = h * rsqrt(mean(h^2) + eps) * weight, h read back from the stored residual
+  //         (unsteered rows from their fp32 copy when there is one: it holds exactly the
+  //         stored value and, read by pass B, it is still in L2, unlike the residual row)
+  if (out0) {
     for (int r = 0; r < n; ++r) {
-      const St* const hr = res[r];
-      float ss = sumsq[r];
-      if (steered[r]) {
-        Vec acc = Vec::zero();
-        for (int64_t j = 0; j < dv; j += W) {
-          const Vec v = Vec::load(hr + j);
-          acc = fma(v, v, acc);
-        }
-        ss = reduce_add(acc);
-        for (int64_t j = dv; j < d; ++j) ss += to_f32(hr[j]) * to_f32(hr[j]);
-      }
-      const float inv = 1.f / __builtin_sqrtf(ss / static_cast<float>(d) + a.eps);
-      const Vec vinv = Vec::set1(inv);
       St* const o = out0 + (t0 + r) * a.out_stride;
-      for (int64_t j = 0; j < dv; j += W) (Vec::load(hr + j) * vinv * Vec::load(w + j)).store(o + j);
-      for (int64_t j = dv; j < d; ++j) from_f32(to_f32(hr[j]) * inv * to_f32(w[j]), o + j);
+      if (steered[r])
+        norm_row(res[r], rms_inv(sumsq_row(res[r], d), d, a.eps), w, o, d);
+      else if (copy)
+        norm_row(h[r], rms_inv(sumsq[r], d, a.eps), w, o, d);
+      else
+        norm_row(res[r], rms_inv(sumsq[r], d, a.eps), w, o, d);
     }
   }
 }

@@ -13,7 +13,9 @@ import torch
 from steerkernel import backends
 from steerkernel.ops import junction
 
-BATCH_SIZES = (1, 3, 16, 64, 65, 200)  # crosses the Triton row/tile switch and CPU row tiles
+BATCH_SIZES = (1, 3, 16, 64, 65, 200)  # crosses Triton row tiles (64 rows) and CPU row tiles
+# (Triton's split/tile path switch is at thousands of rows; test_triton_junction.py holds the two
+# paths to the same bits.)
 
 
 def _available():
@@ -27,11 +29,7 @@ def _available():
 
 
 #: Open bugs, held as strict xfails so the test fails the day they are fixed (then drop them).
-KNOWN_BROKEN = {
-    "triton": pytest.mark.xfail(strict=True, reason=(
-        "issue 13: the Triton row kernel (T < 64) and tile kernel (T >= 64) reduce in different "
-        "orders, so scores differ by ulps across the switch; the fix is on branch wip/issue-13")),
-}
+KNOWN_BROKEN: dict = {}
 
 
 def _device(backend):

@@ -5,10 +5,13 @@ registers its op with :mod:`steerkernel.ops.library` (the native extensions defi
 :mod:`.triton_junction` implements ``steerkernel::junction_triton`` when imported).  Importing
 it installs :func:`resolve` as the chooser that :func:`steerkernel.ops.junction` consults.
 
-Automatic choice, best first: CUDA tensors -> ``cuda`` (C++ extension) > ``triton`` >
-``reference``; CPU tensors -> ``cpu`` (C++ extension) > ``reference``.  The environment
-variable ``STEERKERNEL_BACKEND`` (or the ``backend=`` argument, which wins) forces one; a forced
-backend that cannot run gives an error saying why.
+Automatic choice: the shape-aware table of :mod:`.dispatch` (data: :mod:`.dispatch_table`)
+names, for the call's device and, when the caller gives them, ``T``, ``K``, ``d`` and dtype,
+the backends to try, best first; the first one available here wins, then the built-in order
+(CUDA tensors -> ``cuda`` (C++ extension) > ``triton``; CPU tensors -> ``cpu`` (C++
+extension)), then ``reference``.  The environment variable ``STEERKERNEL_BACKEND`` (or the
+``backend=`` argument, which wins) forces one without consulting the table; a forced backend
+that cannot run gives an error saying why.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from ..ops import library
-from . import native
+from . import dispatch, native
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 ENV_VAR = "STEERKERNEL_BACKEND"
@@ -136,8 +139,17 @@ def _runs_on(name: str, device: torch.device) -> Tuple[bool, str]:
     return ok, why
 
 
-def resolve(device: torch.device, requested: Optional[str] = None) -> str:
-    """The backend a call on ``device`` uses: ``requested``, else $STEERKERNEL_BACKEND, else auto."""
+_BUILTIN_ORDER = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
+
+
+def resolve(device: torch.device, requested: Optional[str] = None, *, T=None, d=None, K=None,
+            dtype=None) -> str:
+    """The backend a call on ``device`` uses: ``requested``, else $STEERKERNEL_BACKEND, else
+    the dispatch table's choice for the call's shape (``T`` rows of width ``d``, ``K``
+    concepts, residual ``dtype``; any of them None = not known), then the built-in order.
+
+    Cheap enough for every call (a dict lookup per distinct shape once the backends are
+    probed) and reads no tensor data, so it traces under torch.compile."""
     name = requested or os.environ.get(ENV_VAR) or "auto"
     if name != "auto":
         if name not in BACKENDS:
@@ -146,11 +158,23 @@ def resolve(device: torch.device, requested: Optional[str] = None) -> str:
         if not ok:
             raise BackendUnavailable(f"backend {name!r} is unavailable: {why}")
         return name
-    order = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
-    for cand in order:
+    kind = device.type
+    # T only when the caller opted out of batch invariance (dispatch.by_batch_size): the
+    # backends differ in their last bits, so a T-dependent choice would make a row's scores
+    # depend on the rows it shares a call with.
+    T_key = T if dispatch.by_batch_size() else None
+    for cand in dispatch.active().choose(kind, T_key, d, K, dtype):
+        if _runs_on(cand, device)[0]:
+            return cand
+    for cand in _BUILTIN_ORDER.get(kind, ()):
         if _runs_on(cand, device)[0]:
             return cand
     return "reference"
+
+
+def dispatch_table() -> dict:
+    """The active dispatch table, for ``steerkernel doctor`` (:meth:`.dispatch.Table.describe`)."""
+    return dispatch.active().describe()
 
 
 _PROBES = {"cpu": _cpu_ext, "cuda": _cuda_ext, "triton": _triton}

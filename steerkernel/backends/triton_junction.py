@@ -1,623 +1,292 @@
-"""Triton junction kernels (GPU; on CPU under ``TRITON_INTERPRET=1`` for tests).
+"""Triton junction backend (GPU; on CPU under ``TRITON_INTERPRET=1`` for tests).
 
 Importing this module implements ``steerkernel::junction_triton`` (defined, with the shared
 argument list, in :mod:`steerkernel.ops.library`) and registers it as backend ``triton``.  The
-math is docs/design.md §2, with exactly the semantics of the reference
-(:func:`steerkernel.ops.reference.junction_reference_`); all arithmetic fp32.
+math is docs/design.md §2, with the semantics of the reference
+(:func:`steerkernel.ops.reference.junction_reference_`).  The kernels are in
+:mod:`.triton_kernels`; this module chooses, plans and launches them, and lists the variants
+for the ahead-of-time compile checks.  Numbers below: d = 4096, K = 171, bf16 residual with x
+and an RMSNorm weight, fp32 V, H100 / H200 SXM (132 SMs; ~3.0 / ~4.3 TB/s copy bandwidth,
+the floor's denominator; 989 TFLOP/s dense bf16; 50 MB L2).  No GPU has run these kernels:
+the arithmetic is a prediction; the compile facts (registers, layouts) are checked offline.
 
-Rounding: every store of ``h`` is one round-to-nearest-even of an fp32 value into the residual
-dtype (``rne``), so slot-0 rows are bit-identical to torch's ``residual + x``, and every later
-read of ``h`` (projection, norm, update) sees the stored value.  The clamp is ``where(q < lo,
-lo, q)`` then ``where(q > hi, hi, q)`` (NaN propagates, like ``torch.clamp``).  Slots outside
-``[0, P)`` act as slot 0 and gate concepts outside ``[-1, K)`` never fire.  Without V
-(``K = 0``) the projection loops are empty: a plain add + RMSNorm.
-Decisions read the latch as of call start; each kernel writes the slots whose gate fired into
-a zeroed scratch ``fired [P]`` and the launcher then sets ``latch[fired != 0] = 1`` (one torch op
-on the same stream, so the call stays CUDA-graph capturable and deterministic).
+Numerics
+--------
+Every product runs on bf16 tensor cores with fp32 accumulation, fed only bf16-exact values, so
+each product is exact and only the fp32 sums round.  An fp32 (or fp16) value ``a`` is split
+into ``hi + lo``, both bf16 (``|a - hi - lo| <= 2^-16 |a|``); a bf16 residual's ``h`` is exact
+as it is.  Projection ``h·v``: ``h·v`` (bf16 V), ``fin(h)·v_lo + h·v_hi`` (fp32 V), four terms
+``h_lo·fin(v_hi) + fin(h_hi)·v_lo + h_hi·v_hi + h_lo·v_lo`` (fp16 / fp32 residual).  Update
+``dq·V`` (dq fp32, always split): ``dq_lo·fin(v) + dq_hi·v`` (bf16 V), else the four terms.
+``fin`` (±inf -> 0) keeps a zero lo piece from making inf·0 = NaN in a cross term, so ±inf and
+NaN reach a result only as in an unsplit product.  Score error: <= 0.35 of SCORE_TOLERANCES
+at d = 64 .. 4096 (measured in fp64 emulation); the update's 4 terms keep the stored residual
+within ~0.4 of TOLERANCES (2 terms would leave bf16 at ~0.7, and > 1 where h and the update
+cancel).  Roundings to the residual dtype are RNE (the hardware conversion on the GPU; integer
+ops under the interpreter, whose bf16 conversion truncates), so slot-0 rows are bit-identical
+to torch's ``residual + x``.
 
-Three kernels, chosen by :func:`junction_triton_` from the shape (see :func:`choose_path`):
+The terms of one product are interleaved along its reduction dimension so that each product is
+ONE ``tl.dot`` (bf16 residual, fp32 V: ``[64, 2·64] x [2·64, 64]`` per d-chunk and K-chunk for
+the projection, ``[64, 4·64] x [4·64, 64]`` for the update): a dot whose result feeds another
+dot makes Triton give both a replicated warp layout and convert the accumulator between them,
+and ``acc + dot(a, b)`` is fused into a chain unless the dot's accumulator is not a provable
+zero (``_opaque_zero``).
 
-* ``row``      one program per row, the whole row in registers (``d <= ROW_MAX_BLOCK_D``).
-               One pass over memory: residual and x read once, residual written once
-               (only when something changed), out written once.  V is streamed once per
-               row in ``[BLOCK_K, BLOCK_D]`` tiles; the update is accumulated alongside the
-               projection (``delta += dqᵀ V``) and applied after the gate decision, so V is
-               read once even for steered rows.  Decode sizes, and any T when K is small.
-* ``chunked``  one program per row for rows too long for registers (d > ROW_MAX_BLOCK_D):
-               passes over d-chunks (add + store + ||h||²; projection per K-chunk, the row
-               re-read per K-chunk; update re-reading the stored ``scores``; norm).
-* ``tile``     one program per ``BLOCK_T`` rows (prefill, K <= TILE_MAX_K): projection and
-               update with ``tl.dot`` over d-chunks.  Passes over the row tile:
-               (1) read residual (+x), write the added residual (when x is given), project
-               ``P += H·Vᵀ`` and accumulate ``||h||²``; (2) only when some row of the tile is
-               steered: re-read those rows, ``H += dQ·V``, write them, accumulate ``||h||²``;
-               (3) only with a weight: re-read the tile (stored values), write ``out``.
-               So HBM traffic is residual/x read once and residual/out written once (plus
-               the steered rows' second write); the re-reads of passes 2 and 3 should hit L2
-               (a tile is ``BLOCK_T·d`` elements).  V is read once per program from L2 (twice
-               when the tile holds a steered row), i.e. ``T / BLOCK_T`` times per call.
+Batch invariance (design.md §2: same row -> same bits at any batch size and position)
+------------------------------------------------------------------------------------------
+A row's projection is the same sequence of operations on every path: d is cut in chunks of
+``BD`` (64 for a bf16 residual, 16 for fp16 / fp32) and segments of ``SEG_D = 256`` (the last
+one up to the row's last chunk); per
+K-chunk of ``KC`` (<= 64) concepts a chain of MMAs runs over one segment from 0 (``pt``), the
+segments' partials are summed in order (``acc``).  The tile kernel does this in registers, the
+split path with one program per ``(K-chunk, segment)`` and an in-order sum of the partials; the
+MMAs have the same shapes and warp layout on both paths (8 warps, ``[4, 2]`` wgmma layout,
+m64n32k16), so each output element sees the same k16 MMAs in the same order, and an MMA's
+row ``t`` depends on row ``t`` of its operands only.  ``Σ h²`` is a per-chunk ``tl.sum`` (same
+``[64, BD]`` blocked layout on both paths, ``mul.rn`` squares so ptxas cannot contract them)
+added in chunk order; the update is one MMA per K-chunk (again the same shapes) summed in
+K-chunk order; everything else is elementwise.  The compile check asserts the identical
+layouts.  Under the interpreter every dot is an fp32 numpy matmul of the same shape on every
+path (numpy's result for a row depends on the shape, never on the other rows, for M > 1).
 
-tl.dot precision.  fp32 ``tl.dot`` on NVIDIA defaults to TF32 (10 mantissa bits), far too
-coarse for the fp32 score tolerance, and ``input_precision="ieee"`` runs on CUDA cores
-(FMA-bound at K in the hundreds).  The tile kernel therefore feeds tensor cores only values
-that TF32 represents (almost) exactly: every fp32 operand is split as ``a = a_hi + a_lo`` where
-``a_hi`` keeps the top 11 significant bits (exact in TF32) and ``a_lo = a - a_hi`` is exact in
-fp32 with ``|a_lo| < 2^-10 |a|``; ``a·b ≈ a_hi·b_hi + a_hi·b_lo + a_lo·b_hi`` (the dropped
-``a_lo·b_lo`` and TF32's truncation of the lo pieces are each below ``2^-20 |a b|``).
-bf16/fp16 operands are exact in TF32 and are not split, so a bf16 residual against an fp32 V
-costs two TF32 MMAs per projection, a model-dtype V one.  Non-finite values stay in the hi
-pieces and the lo products see them as 0, so ±inf/NaN propagate exactly as in an unsplit
-product.  The row kernels reduce with fp32 FMAs (no tensor cores).
+Paths
+-----
+``tile`` (prefill; ``T >= TILE_MIN_ROWS``, ``K <= TILE_MAX_K = 256``).  ``_vcat_kernel``
+splits V into its bf16 pieces once per call, transposed (``[2·d, 192]`` bf16 = 2.8 MB read,
+2.8 MB written), so the tile kernel's MMAs take V straight from the async-copy buffers.  Then
+one program per 64 rows (128 programs at T = 8192: one wave):
+  pass 1 over d: load r, x (cp.async, pipelined), store h, ``Σ h²``, projection (3 K-chunks x
+         2 terms, accumulators ``pt`` + ``acc`` = 96 fp32 registers per thread);
+  then   scores, norms, gate decisions (latch as of call start), the latch merge by the last
+         program, dQ's pieces (the update's loop-invariant right operand, in shared memory);
+  pass 2 over d: re-read h; ``out`` of the unsteered rows; the steered rows' update (tiles with
+         one only; computed transposed, ``updᵀ = V_pieces · dQᵀ``, so dQ sits in shared memory
+         instead of 192 registers);
+  pass 3 (steered rows, with a weight): ``out`` from the stored rows.
+  Registers up to 255 per thread (bf16 V at K >= 171), no spills in any of the variants the
+  compile check builds; 1 CTA of 256 threads per SM.  (fp16 / fp32 residuals: 16-column
+  d-chunks, and the update MMA has M = 16, so it is an mma.sync there.)
+  Bytes at T = 8192: the floor's 277 MB (r, x, residual, out, scores, V) + 5.6 MB V pieces +
+  the re-read of pass 2 (67 MB) and, steered, of pass 3 (67 MB), each hitting L2 only in part
+  (the 128 tiles in flight hold 64 MB of h against a 50 MB L2): at ~50 % hits, +34 MB per
+  re-read.  MMA: projection 25.8 GFLOP, update 51.5 GFLOP (4 terms x 2·T·192·d).
+  L2 -> SM: V pieces 2.8 MB per 64 rows (358 MB; twice with steering) + the streams.
+  Prediction (fraction of the floor): monitor + norm ~85 % (H100) / ~80 % (H200; L2- and
+  re-read-bound); steering every row ~75 % / ~55 %: the 77 GFLOP of MMAs (~120 µs at a
+  realistic ~650 TFLOP/s) exceed the H200 floor (64 µs).  With V in bf16 (one projection term,
+  two update terms, 1.4 MB of pieces): ~38.7 GFLOP, steer ~80 % / ~70 %.  The old kernel
+  (TF32 MMAs, K padded to 256, 32-row tiles, pass 3 over every row) was predicted 30 - 45 %.
+  Levers left: an fp16 single-term update with per-row scaling (1 MMA instead of 4, bf16
+  outputs only) and keeping a tile on chip across passes (thread-block clusters splitting d:
+  not expressible in plain Triton).
 
-Rounding and widening are done with integer ops (``_rne``, ``_f32``) for bf16: the same bits
-as the hardware conversions and torch, also under the interpreter, whose own bf16 conversions
-truncate and flush subnormals.
+``split`` (decode and mid sizes; any K).  Three launches; one program per ``(row tile,
+K-chunk, d-segment)`` and then per ``(row tile, d-chunk)``, so V is read by many SMs at once:
+  1 ``split.proj`` (grid 1 x 3 x 16 at T <= 64): projection partials -> scratch; the last
+    program of each (row tile, K-chunk) sums them in order -> scores; the last of a row tile
+    reduces ``Σ h²``, decides, writes dQ; the last of all merges the latch;
+  2 ``split.update`` (grid 1 x 64): h = r + x, the steered rows' update (V again, from L2),
+    residual, ``out`` of the unsteered rows;
+  3 ``split.norm`` (norm with steering only): ``out`` of the steered rows.
+  Bytes at T = 64: V 2.8 MB (twice when a row is steered; the second from L2) + the rows'
+  2 MB + partials (16 x 64 x 192 x 4 B = 0.8 MB, written and read back through L2).  Per SM
+  <= 64 KB of V per launch.  Prediction: ~3 µs + ~2 µs + ~2 µs with CUDA graphs, i.e. about
+  2x a plain fused add + RMSNorm (~3.5 µs) when steering, ~1.4x when monitoring (launch 3
+  skipped).  The old row kernel (one concept per iteration at d >= 4096) was predicted 100+ µs.
+  Why three launches: the gate needs a row's whole projection before any update, and the
+  RMSNorm needs the whole updated row; one launch would need a grid-wide barrier, which
+  Triton cannot express safely (no co-residency guarantee; the interpreter runs programs one
+  by one).  The ``<= 1.5x`` decode target therefore needs a cooperative launch (the CUDA
+  backend); see :func:`choose_path` for what the dispatcher should use.
 
-Block sizes (H100; the interpreter ignores them) are module constants so a benchmark session
-can tune them; ``FORCE_PATH`` / the ``path=`` keyword force a kernel (tests).
+Latch
+-----
+Decisions read ``latch`` as of call start; each program that decides writes ``fired[s] = 1``
+for its firing slots, counts itself in (``atomic_add``, acq_rel, after a CTA barrier) and the
+last one sets ``latch[s] = 1`` where ``fired`` is set and re-zeroes ``fired`` and its counter.
+``fired`` and the counters are per-device int32 buffers (:func:`_persistent`), zero between
+calls, allocated on first use (before graph capture: a capture that needs them larger raises).
+So a call launches only its kernels, stays CUDA-graph capturable, and the latch it leaves
+does not depend on program order.  Calls on two streams of one device must not overlap (they
+would share the counters).
+
+Launches run under ``torch.cuda.device(residual.device)`` (the current device may differ).
+``FORCE_PATH`` / the ``path=`` keyword force a path (``PATHS``; "row" and "chunked", earlier
+kernels' names, mean "split"); :func:`path_applies` says where one applies.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
 import triton
-import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 
 from ..ops import library
 from ..ops.args import JunctionArgs
 from ..ops.checks import MODEL_DTYPES, Dims, check_structure
+from . import triton_kernels as K_
 
-# ----------------------------------------------------------------------------- tuning knobs
-#: Force a kernel for every call: None (automatic), "row", "chunked" or "tile" (tests).
+# ----------------------------------------------------------------------------- knobs
+#: Force a path for every call: None (automatic), "split" or "tile" ("row" and "chunked",
+#: the names of earlier kernels, mean "split").
 FORCE_PATH: Optional[str] = None
-#: The row kernel holds a whole row in registers up to this many elements (power of 2).
-#: 8192 fp32 values of h plus the update accumulator are 64 registers per thread at 8 warps.
-ROW_MAX_BLOCK_D = 8192
-#: Elements per thread of one ``[BLOCK_K, BLOCK_D]`` V tile in the row kernels
-#: (``BLOCK_K = this * 32 * num_warps / BLOCK_D``); 16 keeps every variant spill-free.
-ROW_TILE_PER_THREAD = 16
-#: d-chunk of the chunked row kernel.
-ROW_CHUNK_D = 1024
-#: The tile kernel is used from this many rows on ...
-TILE_MIN_ROWS = 64
-#: ... when there are at least this many concepts (fewer: the row kernel streams V cheaply) ...
-TILE_MIN_K = 8
-#: ... and at most this many (the ``[BLOCK_T, next_pow2(K)]`` projection lives in registers).
-TILE_MAX_K = 256
-#: Software-pipelining depth of the tile kernel's loops.
-TILE_NUM_STAGES = 2
+#: The paths, in the order benchmarks and tests force them.
+PATHS = ("split", "tile")
+_ALIASES = {"row": "split", "chunked": "split", "split": "split", "tile": "tile"}
 
-# ----------------------------------------------------------------------------- jit helpers
-@triton.jit
-def _rne(h, DST: tl.constexpr):
-    """fp32 tensor ``h`` (any shape) rounded to nearest-even in ``DST`` (fp32/bf16/fp16).
+# Shapes that fix a row's reduction structure.  Every path uses the same values (they are
+# not per-path knobs: changing one changes results bitwise, on all paths alike).
+#: rows per program (the M of every projection MMA, the N of every update MMA)
+TILE_ROWS = 64
+#: d-chunk for a bf16 residual (projection operand [64, 2 x 64] with fp32 V), and for fp16 /
+#: fp32 (whose h takes two bf16 pieces: 4 terms, operand [64, 4 x 16]; wider spills)
+CHUNK_D = 64
+CHUNK_D_SPLIT_H = 16
+#: d-segment: the projection is a chain of MMAs over one segment, summed over segments in
+#: order; the split path parallelises over segments
+SEG_D = 256
+#: widest K-chunk (the N of one projection MMA)
+MAX_KC = 64
+#: warps of every kernel that runs an MMA or a row reduction (fixes their layouts)
+NUM_WARPS = 8
 
-    bf16 is rounded with integer ops (``(u + 0x7FFF + lsb) >> 16``, NaN kept quiet): the same
-    bits as torch's ``c10::BFloat16`` conversion, on GPU and in the interpreter alike.
+#: The tile path holds the projection in registers: at most this many concepts.
+TILE_MAX_K = 4 * MAX_KC
+#: ... and is chosen from this many rows on (fewer: too few programs to fill the GPU while
+#: each reads all of V; see the design notes).
+TILE_MIN_ROWS = 4096
+#: Software-pipelining depth of the tile kernel's pass-1 loop, of its update loop (whose
+#: loop-invariant dQ pieces take shared memory), and of the split kernels.
+TILE_STAGES = 2
+TILE_UPDATE_STAGES = 2
+SPLIT_STAGES = 2
+#: Slots merged per step into the latch by the last program.
+P_BLOCK = 256
+
+INTERPRETED = isinstance(K_._tile_kernel, InterpretedFunction)
+
+
+# ----------------------------------------------------------------------------- shapes
+def k_chunk(K: int) -> Tuple[int, int]:
+    """``(KC, NKC)``: the K-chunk width of every MMA for ``K`` concepts and how many chunks."""
+    if K <= 0:
+        return 16, 0
+    kc = min(MAX_KC, max(16, triton.next_power_of_2(K)))
+    return kc, triton.cdiv(K, kc)
+
+
+def chunk_d(dtype: torch.dtype) -> int:
+    """The d-chunk of a residual of ``dtype``."""
+    return CHUNK_D if dtype == torch.bfloat16 else CHUNK_D_SPLIT_H
+
+
+def _segments(d: int, bd: int) -> Tuple[int, int, int]:
+    """``(SEG_CHUNKS, n_seg, n_chunks)`` of a row of ``d`` in chunks of ``bd`` (the last
+    segment may hold fewer chunks)."""
+    seg_chunks = max(1, SEG_D // bd)
+    return seg_chunks, triton.cdiv(d, bd * seg_chunks), triton.cdiv(d, bd)
+
+
+def path_applies(path: str, T: int, d: int, K: int) -> bool:
+    """Whether ``path`` can run a ``[T, d]`` x ``K`` call (the split path runs any)."""
+    path = _ALIASES.get(path, path)
+    if path == "split":
+        return True
+    if path == "tile":
+        return K <= TILE_MAX_K
+    raise ValueError(f"triton junction: unknown path {path!r} ({', '.join(PATHS)})")
+
+
+def choose_path(T: int, d: int, K: int, dtype: torch.dtype = torch.bfloat16) -> str:
+    """The path a ``[T, d]`` x ``K`` call of residual ``dtype`` takes (``FORCE_PATH`` wins).
+
+    Cheap (integer compares; no tensors), for the shape-aware dispatcher too: ``tile`` from
+    ``TILE_MIN_ROWS`` rows when ``K <= TILE_MAX_K`` and rows are whole 16-byte vectors
+    (``d % 8 == 0``), else ``split``.  (:func:`launch` also sends calls whose row strides or
+    pointers are not 16-byte aligned to ``split``: the tile kernel's loads would not be
+    vectorised, and the paths give the same bits.)  ``dtype`` does not change the choice
+    today.  For the dispatcher: the tile path is the Triton backend's prefill path and should
+    beat a per-row CUDA kernel from T ~ 4096 (64-row programs reading V's pieces once per
+    tile; it fills the GPU from T ~ 64·SMs ~ 8K); the split path is three dependent launches,
+    so for decode (T <= 64) a single-launch kernel should be preferred when there is one.
+    Calibrate both thresholds with the GPU benchmark.
     """
-    if DST == tl.bfloat16:
-        u = h.to(tl.uint32, bitcast=True)
-        r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-        r = tl.where(h != h, (u >> 16) | 0x40, r)
-        out = r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        out = h.to(DST)
-    return out
-
-
-@triton.jit
-def _f32(x):
-    """Tensor of fp32/bf16/fp16 values widened to fp32 exactly.
-
-    bf16 is widened by a 16-bit shift (what the hardware conversion does; the interpreter's
-    own conversion gets bf16 subnormals wrong).
-    """
-    if x.dtype == tl.bfloat16:
-        out = (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-    else:
-        out = x.to(tl.float32)
-    return out
-
-
-@triton.jit
-def _tf32_split(a):
-    """``a = hi + lo`` for an fp32 tensor: ``hi`` keeps the top 11 significant bits (exact in
-    TF32), ``lo = a - hi`` (exact, same sign as ``a``, ``|lo| < 2^-10 |a|``).  NaN and ±inf
-    stay whole in ``hi`` (``lo = 0``)."""
-    hi = (a.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
-    hi = tl.where(a != a, a, hi)
-    lo = tl.where(hi == a, 0.0, a - hi)
-    lo = tl.where(a != a, 0.0, lo)
-    return hi, lo
-
-
-@triton.jit
-def _finite(a):
-    """``a`` with ±inf replaced by 0 (NaN kept): the hi piece as seen by the lo products."""
-    return tl.where((a == float("inf")) | (a == float("-inf")), 0.0, a)
-
-
-@triton.jit
-def _dot3(a_hi, a_lo, b_hi, b_lo, acc, A_SPLIT: tl.constexpr, B_SPLIT: tl.constexpr):
-    """``acc + a @ b`` with fp32-grade accuracy from TF32 MMAs.
-
-    a ``[M, Kd]`` = a_hi + a_lo, b ``[Kd, N]`` = b_hi + b_lo (fp32 tensors; the lo pieces are
-    only used when ``A_SPLIT`` / ``B_SPLIT``):
-    ``acc + a_lo @ fin(b_hi) + fin(a_hi) @ b_lo + a_hi @ b_hi`` where ``fin`` zeroes ±inf, so
-    an infinite element contributes (±inf, or NaN against an exact 0) only through
-    ``a_hi @ b_hi``, as in an unsplit product, and never ``inf * 0`` against a zero lo piece.
-    ``a_lo @ b_lo`` is dropped (< 2^-20 relative).
-    """
-    if A_SPLIT:
-        acc = tl.dot(a_lo, _finite(b_hi), acc, input_precision="tf32")
-    if B_SPLIT:
-        acc = tl.dot(_finite(a_hi), b_lo, acc, input_precision="tf32")
-    acc = tl.dot(a_hi, b_hi, acc, input_precision="tf32")
-    return acc
-
-
-@triton.jit
-def _clamp(q, lo, hi):
-    """``where(q < lo, lo, q)`` then ``where(q > hi, hi, q)``: torch.clamp incl. NaN q -> NaN."""
-    q = tl.where(q < lo, lo, q)
-    return tl.where(q > hi, hi, q)
-
-
-@triton.jit
-def _valid_slot(s, P):
-    """Slots (int32 scalar or ``[BT]``) outside ``[0, P)`` behave as the identity slot 0."""
-    return tl.where((s >= 0) & (s < P), s, 0)
-
-
-@triton.jit
-def _decide(s, gc, pg, thr_ptr, above_ptr, latch_ptr, fired_ptr, K,
-            HAS_GATE: tl.constexpr, HAS_LATCH: tl.constexpr):
-    """Whether each row is steered (``s``, ``gc``, ``pg``: scalars or ``[BT]``): slot
-    ``s != 0`` and its gate open (docs/design.md §2; ``pg`` is the gate concept's projection).
-    Writes ``fired[s] = 1`` for firing rows; the latch itself is only read.
-    """
-    steer = s != 0
-    if HAS_GATE:
-        thr = tl.load(thr_ptr + s)
-        above = tl.load(above_ptr + s) != 0
-        cmp = tl.where(above, pg > thr, pg < thr)
-        fires = steer & (gc >= 0) & (gc < K) & cmp
-        open_ = (gc == -1) | fires
-        if HAS_LATCH:
-            open_ = open_ | (tl.load(latch_ptr + s) != 0)
-            tl.store(fired_ptr + s, 1, mask=fires)
-        steer = steer & open_
-    return steer
-
-
-# ----------------------------------------------------------------------------- row kernel
-@triton.jit
-def _junction_row_kernel(
-    res_ptr, res_stride, x_ptr, x_stride, V_ptr,
-    slot_ptr, shift_ptr, lo_ptr, hi_ptr, gc_ptr, thr_ptr, above_ptr, latch_ptr, fired_ptr,
-    w_ptr, out_ptr, out_stride, scores_ptr, sc_stride0, sc_stride1, norms_ptr, norms_stride,
-    d, K, P, eps,
-    HAS_X: tl.constexpr, HAS_SLOT: tl.constexpr, HAS_GATE: tl.constexpr,
-    HAS_LATCH: tl.constexpr, HAS_W: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """One program per row ``t``, the whole row in registers (``BLOCK_D >= d``).
-
-    Shapes: residual/x/out ``[T, d]`` (row strides given, unit column stride); V ``[K, d]``
-    contiguous (fp32 or residual dtype); slot int32 ``[T]``; shift/lo/hi fp32 ``[P, K]``;
-    gate concept int32 / threshold fp32 / above uint8 / latch int32 / fired int32 ``[P]``;
-    weight ``[d]``; scores fp32 ``[T, K]`` (strides ``sc_stride0, sc_stride1``); norms fp32
-    ``[T]`` (stride ``norms_stride``).
-
-    Math: ``h = rne(r + x)``; for each K-chunk ``k``: ``p_k = V_k · h`` (``[BLOCK_K,
-    BLOCK_D]`` tile, reduction along d), ``scores[t, k] = p_k`` and, for a row with slot != 0,
-    ``delta += Σ_k (clamp(p_k + shift[s,k], lo[s,k], hi[s,k]) - p_k) V_k``; then, if the gate
-    is open, ``h = rne(h + delta)``; store h; ``out = rne(h rsqrt(mean h² + eps) w)``.
-    V is read once per row; residual/x read once; residual/out written once.
-    """
-    row = tl.program_id(0).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < d
-    DT = res_ptr.dtype.element_ty
-    r = tl.load(res_ptr + row * res_stride + offs_d, mask=dmask, other=0.0)
-    if HAS_X:
-        xv = tl.load(x_ptr + row * x_stride + offs_d, mask=dmask, other=0.0)
-        hs = _rne(_f32(r) + _f32(xv), DT)
-    else:
-        hs = r
-    h = _f32(hs)
-    sumsq = tl.sum(h * h, axis=0)
-    tl.store(norms_ptr + row * norms_stride, tl.sqrt_rn(sumsq))
-
-    if HAS_SLOT:
-        s = _valid_slot(tl.load(slot_ptr + row), P)
-        steer = s != 0
-        s64 = s.to(tl.int64)
-    else:
-        s = 0
-        steer = False
-        s64 = 0
-    if HAS_GATE:
-        gc = tl.load(gc_ptr + s)
-    else:
-        gc = -1
-    pg_acc = tl.zeros([BLOCK_K], dtype=tl.float32)
-    delta = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        kmask = offs_k < K
-        v = _f32(tl.load(V_ptr + offs_k[:, None].to(tl.int64) * d + offs_d[None, :],
-                         mask=kmask[:, None] & dmask[None, :], other=0.0))
-        p = tl.sum(v * h[None, :], axis=1)                                   # [BLOCK_K]
-        tl.store(scores_ptr + row * sc_stride0 + offs_k.to(tl.int64) * sc_stride1, p,
-                 mask=kmask)
-        if HAS_GATE:
-            pg_acc += tl.where(offs_k == gc, p, 0.0)
-        if HAS_SLOT:
-            if steer:
-                tab = s64 * K + offs_k
-                q = p + tl.load(shift_ptr + tab, mask=kmask, other=0.0)
-                q = _clamp(q, tl.load(lo_ptr + tab, mask=kmask, other=0.0),
-                           tl.load(hi_ptr + tab, mask=kmask, other=0.0))
-                dq = tl.where(kmask, q - p, 0.0)
-                delta += tl.sum(dq[:, None] * v, axis=0)
-
-    if HAS_SLOT:
-        pg = tl.sum(pg_acc, axis=0)
-        apply = _decide(s, gc, pg, thr_ptr, above_ptr, latch_ptr, fired_ptr, K,
-                        HAS_GATE, HAS_LATCH)
-        hn = _rne(h + delta, DT)
-        hs = tl.where(apply, hn, hs)
-        h = tl.where(apply, _f32(hn), h)
-        if HAS_X:
-            tl.store(res_ptr + row * res_stride + offs_d, hs, mask=dmask)
-        else:
-            tl.store(res_ptr + row * res_stride + offs_d, hs, mask=dmask & apply)
-        sumsq = tl.sum(tl.where(dmask, h * h, 0.0), axis=0)
-    elif HAS_X:
-        tl.store(res_ptr + row * res_stride + offs_d, hs, mask=dmask)
-
-    if HAS_W:
-        inv = 1.0 / tl.sqrt_rn(sumsq / d + eps)
-        w = _f32(tl.load(w_ptr + offs_d, mask=dmask, other=0.0))
-        tl.store(out_ptr + row * out_stride + offs_d, _rne(h * inv * w, DT), mask=dmask)
-
-
-# ----------------------------------------------------------------------------- chunked row kernel
-@triton.jit
-def _junction_chunked_kernel(
-    res_ptr, res_stride, x_ptr, x_stride, V_ptr,
-    slot_ptr, shift_ptr, lo_ptr, hi_ptr, gc_ptr, thr_ptr, above_ptr, latch_ptr, fired_ptr,
-    w_ptr, out_ptr, out_stride, scores_ptr, sc_stride0, sc_stride1, norms_ptr, norms_stride,
-    d, K, P, eps,
-    HAS_X: tl.constexpr, HAS_SLOT: tl.constexpr, HAS_GATE: tl.constexpr,
-    HAS_LATCH: tl.constexpr, HAS_W: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """One program per row ``t`` for rows longer than the registers hold (d-chunks).
-
-    Shapes as in :func:`_junction_row_kernel`; ``BLOCK_D`` is the d-chunk.
-
-    Passes (a barrier between each, since later passes read what earlier ones stored):
-    1. per d-chunk: ``h = rne(r + x)``, stored when x is given; ``||h||²``.
-    2. per K-chunk, per d-chunk: ``p_k += V_k · h`` (h re-read from the residual);
-       ``scores[t, k] = p_k``; the gate concept's projection is picked up on the way.
-    3. only for a steered row: per d-chunk, ``h += Σ_k dq_k V_k`` with ``dq`` recomputed from
-       the stored scores (exact fp32 p), ``h = rne(h)`` stored, ``||h||²`` re-accumulated.
-    4. with a weight: per d-chunk, ``out = rne(h rsqrt(mean h² + eps) w)``.
-    """
-    row = tl.program_id(0).to(tl.int64)
-    DT = res_ptr.dtype.element_ty
-    res_row = res_ptr + row * res_stride
-    sc_row = scores_ptr + row * sc_stride0
-    offs = tl.arange(0, BLOCK_D)
-
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for d0 in range(0, d, BLOCK_D):
-        offs_d = d0 + offs
-        dmask = offs_d < d
-        r = tl.load(res_row + offs_d, mask=dmask, other=0.0)
-        if HAS_X:
-            xv = tl.load(x_ptr + row * x_stride + offs_d, mask=dmask, other=0.0)
-            hs = _rne(_f32(r) + _f32(xv), DT)
-            tl.store(res_row + offs_d, hs, mask=dmask)
-        else:
-            hs = r
-        hf = _f32(hs)
-        acc += hf * hf
-    sumsq = tl.sum(acc, axis=0)
-    tl.store(norms_ptr + row * norms_stride, tl.sqrt_rn(sumsq))
-    tl.debug_barrier()
-
-    if HAS_SLOT:
-        s = _valid_slot(tl.load(slot_ptr + row), P)
-        s64 = s.to(tl.int64)
-    else:
-        s = 0
-        s64 = 0
-    if HAS_GATE:
-        gc = tl.load(gc_ptr + s)
-    else:
-        gc = -1
-    pg_acc = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        kmask = offs_k < K
-        pacc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
-        for d0 in range(0, d, BLOCK_D):
-            offs_d = d0 + offs
-            dmask = offs_d < d
-            hf = _f32(tl.load(res_row + offs_d, mask=dmask, other=0.0))
-            v = _f32(tl.load(V_ptr + offs_k[:, None].to(tl.int64) * d + offs_d[None, :],
-                             mask=kmask[:, None] & dmask[None, :], other=0.0))
-            pacc += v * hf[None, :]
-        p = tl.sum(pacc, axis=1)
-        tl.store(sc_row + offs_k.to(tl.int64) * sc_stride1, p, mask=kmask)
-        if HAS_GATE:
-            pg_acc += tl.where(offs_k == gc, p, 0.0)
-
-    if HAS_SLOT:
-        pg = tl.sum(pg_acc, axis=0)
-        apply = _decide(s, gc, pg, thr_ptr, above_ptr, latch_ptr, fired_ptr, K,
-                        HAS_GATE, HAS_LATCH)
-        if apply:
-            tl.debug_barrier()
-            acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-            for d0 in range(0, d, BLOCK_D):
-                offs_d = d0 + offs
-                dmask = offs_d < d
-                hf = _f32(tl.load(res_row + offs_d, mask=dmask, other=0.0))
-                delta = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
-                for k0 in range(0, K, BLOCK_K):
-                    offs_k = k0 + tl.arange(0, BLOCK_K)
-                    kmask = offs_k < K
-                    p = tl.load(sc_row + offs_k.to(tl.int64) * sc_stride1, mask=kmask, other=0.0)
-                    tab = s64 * K + offs_k
-                    q = p + tl.load(shift_ptr + tab, mask=kmask, other=0.0)
-                    q = _clamp(q, tl.load(lo_ptr + tab, mask=kmask, other=0.0),
-                               tl.load(hi_ptr + tab, mask=kmask, other=0.0))
-                    dq = tl.where(kmask, q - p, 0.0)
-                    v = tl.load(V_ptr + offs_k[:, None].to(tl.int64) * d + offs_d[None, :],
-                                mask=kmask[:, None] & dmask[None, :], other=0.0)
-                    delta += dq[:, None] * _f32(v)
-                hn = _rne(hf + tl.sum(delta, axis=0), DT)
-                tl.store(res_row + offs_d, hn, mask=dmask)
-                hf = _f32(hn)
-                acc += tl.where(dmask, hf * hf, 0.0)
-            sumsq = tl.sum(acc, axis=0)
-
-    if HAS_W:
-        tl.debug_barrier()
-        inv = 1.0 / tl.sqrt_rn(sumsq / d + eps)
-        for d0 in range(0, d, BLOCK_D):
-            offs_d = d0 + offs
-            dmask = offs_d < d
-            hf = _f32(tl.load(res_row + offs_d, mask=dmask, other=0.0))
-            w = _f32(tl.load(w_ptr + offs_d, mask=dmask, other=0.0))
-            tl.store(out_ptr + row * out_stride + offs_d, _rne(hf * inv * w, DT), mask=dmask)
-
-
-# ----------------------------------------------------------------------------- tile kernel
-@triton.jit
-def _junction_tile_kernel(
-    res_ptr, res_stride, x_ptr, x_stride, V_ptr,
-    slot_ptr, shift_ptr, lo_ptr, hi_ptr, gc_ptr, thr_ptr, above_ptr, latch_ptr, fired_ptr,
-    w_ptr, out_ptr, out_stride, scores_ptr, sc_stride0, sc_stride1, norms_ptr, norms_stride,
-    dq_ptr, T, d, K, P, eps,
-    HAS_X: tl.constexpr, HAS_SLOT: tl.constexpr, HAS_GATE: tl.constexpr,
-    HAS_LATCH: tl.constexpr, HAS_W: tl.constexpr,
-    H_SPLIT: tl.constexpr, V_SPLIT: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_KU: tl.constexpr, BLOCK_DU: tl.constexpr,
-):
-    """One program per ``BLOCK_T`` rows; all K concepts of the projection at once.
-
-    Shapes as in :func:`_junction_row_kernel`, plus the scratch ``dq`` fp32
-    ``[n_programs * BLOCK_T, BLOCK_K]`` (contiguous; only touched when a row of the tile is
-    steered).  ``BLOCK_K`` is K rounded up to a power of 2 (16 ..= 256).  Tiles: H
-    ``[BLOCK_T, BLOCK_D]`` and V ``[BLOCK_K, BLOCK_D]`` in pass 1, P ``[BLOCK_T, BLOCK_K]``
-    (the fp32 accumulator), dQ ``[BLOCK_T, BLOCK_KU]`` and V ``[BLOCK_KU, BLOCK_DU]`` in
-    pass 2, H ``[BLOCK_T, BLOCK_DU]`` in passes 2 and 3.
-
-    Math.  Pass 1 over d-chunks: ``H = rne(R + X)`` (stored when x is given),
-    ``P += H @ Vᵀ`` (:func:`_dot3`; H split when the residual is fp32 (``H_SPLIT``), V when it
-    is fp32 (``V_SPLIT``)), ``||h||²`` per row.  Then ``scores = P``, ``norms = sqrt(||h||²)``
-    and the per-row decisions.  If a row of the tile is steered: ``P`` goes to the scratch and
-    is turned into ``dQ = where(apply, clamp(P + shift[s], lo[s], hi[s]) - P, 0)`` there,
-    ``BLOCK_KU`` columns at a time (so the table gathers never share registers with P); then
-    pass 2 over d-chunks: ``H = rne(H + Σ_kchunks dQ_k @ V_k)`` (dQ split in two) stored for
-    the steered rows, whose ``||h||²`` is recomputed.  Pass 3, with a weight, over d-chunks:
-    ``out = rne(H rsqrt(mean h² + eps) w)`` from the stored H.  A barrier precedes every
-    re-read of what another thread of the program stored.
-    """
-    pid = tl.program_id(0)
-    DT = res_ptr.dtype.element_ty
-    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    tmask = rows < T
-    rows64 = rows.to(tl.int64)
-    res_rows = res_ptr + rows64 * res_stride                                # [BLOCK_T]
-    offs_k = tl.arange(0, BLOCK_K)
-    kmask = offs_k < K
-
-    # pass 1: add, store, project, sum of squares
-    offs = tl.arange(0, BLOCK_D)
-    pacc = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
-    sumsq = tl.zeros([BLOCK_T], dtype=tl.float32)
-    for d0 in range(0, d, BLOCK_D):
-        offs_d = d0 + offs
-        dmask = offs_d < d
-        m2 = tmask[:, None] & dmask[None, :]
-        rp = res_rows[:, None] + offs_d[None, :]
-        r = tl.load(rp, mask=m2, other=0.0)
-        if HAS_X:
-            xv = tl.load(x_ptr + rows64[:, None] * x_stride + offs_d[None, :], mask=m2,
-                         other=0.0)
-            hs = _rne(_f32(r) + _f32(xv), DT)
-            tl.store(rp, hs, mask=m2)
-        else:
-            hs = r
-        hf = _f32(hs)
-        sumsq += tl.sum(hf * hf, axis=1)
-        v = _f32(tl.load(V_ptr + offs_k[:, None] * d + offs_d[None, :],
-                         mask=kmask[:, None] & dmask[None, :], other=0.0))
-        if H_SPLIT:
-            h_hi, h_lo = _tf32_split(hf)
-        else:
-            h_hi = hf
-            h_lo = hf
-        if V_SPLIT:
-            v_hi, v_lo = _tf32_split(v)
-        else:
-            v_hi = v
-            v_lo = v
-        pacc = _dot3(h_hi, h_lo, tl.trans(v_hi), tl.trans(v_lo), pacc, H_SPLIT, V_SPLIT)
-
-    p = pacc
-    tl.store(scores_ptr + rows64[:, None] * sc_stride0 + offs_k[None, :] * sc_stride1, p,
-             mask=tmask[:, None] & kmask[None, :])
-    tl.store(norms_ptr + rows64 * norms_stride, tl.sqrt_rn(sumsq), mask=tmask)
-
-    offs_u = tl.arange(0, BLOCK_DU)
-    if HAS_SLOT:
-        s = _valid_slot(tl.load(slot_ptr + rows, mask=tmask, other=0), P)
-        if HAS_GATE:
-            gc = tl.load(gc_ptr + s)
-            pg = tl.sum(tl.where(offs_k[None, :] == gc[:, None], p, 0.0), axis=1)
-        else:
-            gc = tl.full([BLOCK_T], -1, dtype=tl.int32)
-            pg = tl.zeros([BLOCK_T], dtype=tl.float32)
-        apply = _decide(s, gc, pg, thr_ptr, above_ptr, latch_ptr, fired_ptr, K,
-                        HAS_GATE, HAS_LATCH)
-        n_apply = tl.sum(apply.to(tl.int32), axis=0)
-        if n_apply > 0:
-            # dQ into the scratch, one [BLOCK_T, BLOCK_KU] chunk at a time (keeps the
-            # table gathers out of the registers that hold P)
-            dq_tile = dq_ptr + pid.to(tl.int64) * BLOCK_T * BLOCK_K             # scalar
-            offs_ku = tl.arange(0, BLOCK_KU)
-            loc_t = tl.arange(0, BLOCK_T)[:, None] * BLOCK_K
-            tl.store(dq_tile + loc_t + offs_k[None, :], p)
-            tl.debug_barrier()
-            s_tab = s[:, None] * K
-            for k0 in range(0, K, BLOCK_KU):
-                kk = k0 + offs_ku
-                am = apply[:, None] & (kk < K)[None, :]
-                pc = tl.load(dq_tile + loc_t + kk[None, :])
-                tab = s_tab + kk[None, :]
-                q = pc + tl.load(shift_ptr + tab, mask=am, other=0.0)
-                q = _clamp(q, tl.load(lo_ptr + tab, mask=am, other=0.0),
-                           tl.load(hi_ptr + tab, mask=am, other=0.0))
-                tl.store(dq_tile + loc_t + kk[None, :], tl.where(am, q - pc, 0.0))
-            # pass 2: the update, steered rows only
-            tl.debug_barrier()
-            acc2 = tl.zeros([BLOCK_T], dtype=tl.float32)
-            for d0 in range(0, d, BLOCK_DU):
-                offs_d = d0 + offs_u
-                dmask = offs_d < d
-                m2 = apply[:, None] & dmask[None, :]
-                rp = res_rows[:, None] + offs_d[None, :]
-                hf = _f32(tl.load(rp, mask=m2, other=0.0))
-                upd = tl.zeros([BLOCK_T, BLOCK_DU], dtype=tl.float32)
-                for k0 in range(0, K, BLOCK_KU):
-                    kk = k0 + offs_ku
-                    dq = tl.load(dq_tile + loc_t + kk[None, :])
-                    dq_hi, dq_lo = _tf32_split(dq)
-                    v = tl.load(V_ptr + kk[:, None] * d + offs_d[None, :],
-                                mask=(kk < K)[:, None] & dmask[None, :], other=0.0)
-                    v = _f32(v)
-                    if V_SPLIT:
-                        v_hi, v_lo = _tf32_split(v)
-                    else:
-                        v_hi = v
-                        v_lo = v
-                    upd = _dot3(dq_hi, dq_lo, v_hi, v_lo, upd, True, V_SPLIT)
-                hn = _rne(hf + upd, DT)
-                tl.store(rp, hn, mask=m2)
-                hnf = _f32(hn)
-                acc2 += tl.sum(tl.where(m2, hnf * hnf, 0.0), axis=1)
-            sumsq = tl.where(apply, acc2, sumsq)
-
-    if HAS_W:
-        # pass 3: RMSNorm of the stored rows
-        tl.debug_barrier()
-        inv = 1.0 / tl.sqrt_rn(sumsq / d + eps)
-        for d0 in range(0, d, BLOCK_DU):
-            offs_d = d0 + offs_u
-            dmask = offs_d < d
-            m2 = tmask[:, None] & dmask[None, :]
-            hf = tl.load(res_rows[:, None] + offs_d[None, :], mask=m2, other=0.0)
-            w = _f32(tl.load(w_ptr + offs_d, mask=dmask, other=0.0))
-            o = _rne(_f32(hf) * inv[:, None] * w[None, :], DT)
-            tl.store(out_ptr + rows64[:, None] * out_stride + offs_d[None, :], o, mask=m2)
-
-
-# ----------------------------------------------------------------------------- launcher
-def _tile_fits(d: int, K: int, P: int) -> bool:
-    """The tile kernel holds all K in registers and indexes V and the tables with int32."""
-    return triton.next_power_of_2(K) <= TILE_MAX_K and K * d < 2**31 and P * K < 2**31
-
-
-def choose_path(T: int, d: int, K: int, P: int = 1) -> str:
-    """Which kernel a ``[T, d]`` x ``K`` call (``P`` slots) uses (``FORCE_PATH`` wins)."""
     if FORCE_PATH is not None:
-        return FORCE_PATH
-    if T >= TILE_MIN_ROWS and K >= TILE_MIN_K and _tile_fits(d, K, P):
+        return _ALIASES.get(FORCE_PATH, FORCE_PATH)
+    if T >= TILE_MIN_ROWS and K <= TILE_MAX_K and d % 8 == 0:
         return "tile"
-    if triton.next_power_of_2(d) <= ROW_MAX_BLOCK_D:
-        return "row"
-    return "chunked"
+    return "split"
 
 
-def _row_warps(block_d: int) -> int:
-    return 4 if block_d <= 1024 else (8 if block_d <= 4096 else 16)
+def _rows_aligned(call: JunctionArgs) -> bool:
+    """Whether every ``[T, d]`` tensor of ``call`` has 16-byte-aligned rows."""
+    for t in (call.residual, call.x, call.out):
+        if t is not None and (t.data_ptr() % 16 or (t.shape[0] > 1 and t.stride(0) % 8)):
+            return False
+    return True
 
 
-#: Tile-kernel blocks per ``BLOCK_K`` (K rounded up to a power of 2, >= 16):
-#: ``(BLOCK_T, BLOCK_D, BLOCK_KU, BLOCK_DU, num_warps)``.  Chosen for an H100 so that no
-#: variant spills (ptxas -v for sm_90a, every dtype / V dtype / flag combination): the fp32
-#: accumulator ``[BLOCK_T, BLOCK_K]`` and the V tile ``[BLOCK_K, BLOCK_D]`` with its TF32
-#: split are what bounds them.  ``TILE_CONFIGS_NO_V_SPLIT`` applies when V is in the model's
-#: 16-bit dtype (no split, so twice the rows per program fit).
-TILE_CONFIGS = {16: (64, 32, 16, 32, 8), 32: (64, 32, 32, 32, 8), 64: (64, 32, 32, 32, 8),
-                128: (32, 32, 32, 64, 8), 256: (32, 16, 32, 64, 8)}
-TILE_CONFIGS_NO_V_SPLIT = {**TILE_CONFIGS, 128: (64, 32, 32, 32, 16),
-                           256: (32, 16, 32, 64, 8)}
+# ----------------------------------------------------------------------------- scratch
+#: Per device: ``fired`` (int32 per slot) and ``count`` (int32 arrival counters), zero
+#: between calls (each call's last program re-zeroes what it used), so a call launches only
+#: its kernels.  Replaced buffers are kept alive (a captured graph may still use them).
+_SCRATCH: Dict[Tuple[str, int], Dict[str, torch.Tensor]] = {}
+_RETIRED: List[torch.Tensor] = []
+_MIN_CAPACITY = {"fired": 4096, "count": 4096}
 
 
-def tile_config(kp: int, v_split: bool = True) -> dict:
-    """Launch parameters of the tile kernel for ``BLOCK_K = kp`` (a power of 2 in [16, 256]).
-
-    Pass 1 holds ``[BLOCK_T, kp]`` fp32 accumulators and a ``[kp, BLOCK_D]`` V tile; pass 2
-    streams ``[BLOCK_T, BLOCK_KU] @ [BLOCK_KU, BLOCK_DU]`` MMAs, independent of K.
-    """
-    table = TILE_CONFIGS if v_split else TILE_CONFIGS_NO_V_SPLIT
-    bt, bd, bku, bdu, warps = table[kp]
-    return dict(BLOCK_T=bt, BLOCK_K=kp, BLOCK_D=bd, BLOCK_KU=bku, BLOCK_DU=bdu,
-                num_warps=warps)
+def _capturing(dev: torch.device) -> bool:
+    return dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def junction_triton_(*args, path: Optional[str] = None, **kwargs) -> None:
-    """A raw ``steerkernel::junction_triton`` call: the op's arguments
-    (:class:`~steerkernel.ops.args.JunctionArgs`, positional or by keyword).
+def _persistent(dev: torch.device, name: str, n: int) -> torch.Tensor:
+    key = (dev.type, dev.index if dev.index is not None else -1)
+    cache = _SCRATCH.setdefault(key, {})
+    t = cache.get(name)
+    if t is None or t.numel() < n:
+        if _capturing(dev):
+            raise RuntimeError(
+                f"steerkernel triton junction: its per-device scratch '{name}' needs {n} "
+                "entries but was sized by earlier calls for fewer; run the call once outside "
+                "CUDA-graph capture (a warm-up at the largest shape) before capturing it")
+        if t is not None:
+            _RETIRED.append(t)
+        cap = max(_MIN_CAPACITY[name], triton.next_power_of_2(n))
+        t = cache[name] = torch.zeros(cap, dtype=torch.int32, device=dev)
+    return t
 
-    Checks the metadata with the shared :func:`~steerkernel.ops.checks.check_structure`
-    (``RuntimeError`` before any write; values are the public wrapper's) and runs
-    :func:`launch`.  ``path`` ("row", "chunked", "tile") forces a kernel.
-    """
-    call = JunctionArgs(*args, **kwargs)
-    launch(call, check_structure(call, MODEL_DTYPES, complete=True), path=path)
+
+# ----------------------------------------------------------------------------- launches
+class Launch(NamedTuple):
+    """One kernel launch of a call: ``kernel[grid](**args, **consts, num_warps=,
+    num_stages=)``."""
+
+    name: str
+    kernel: object
+    grid: Tuple[int, ...]
+    args: Dict[str, object]
+    consts: Dict[str, object]
+    num_warps: int
+    num_stages: int
+
+    def run(self) -> None:
+        self.kernel[self.grid](**self.args, **self.consts, num_warps=self.num_warps,
+                               num_stages=self.num_stages)
 
 
-def launch(call: JunctionArgs, dims: Dims, *, path: Optional[str] = None) -> None:
-    """Launch the kernels on a call that :func:`check_structure` accepted (``dims``: its
-    sizes).  Writes ``residual`` (in place), ``scores``, ``norms``, ``out`` and ``latch``; slots
-    outside ``[0, P)`` act as slot 0 and gate concepts outside ``[-1, K)`` never fire.  By
-    default :func:`choose_path` picks the kernel.
+def plan(call: JunctionArgs, dims: Dims, path: str, *, interp: bool = INTERPRETED
+         ) -> List[Launch]:
+    """The launches that compute ``call`` (validated; ``dims`` its sizes) on ``path``.
+
+    Allocates the call's scratch (the split path's per-call buffers and the tile path's V
+    pieces with ``torch.empty``; the per-device ``fired`` / ``count``).  ``interp=False``
+    plans the GPU kernels whatever the tensors' device (the compile checks plan on CPU
+    tensors).
     """
     T, d, K, P = dims
-    if T == 0:
-        return
     (residual, V, x, slot, shift, lo, hi, gate_concept, gate_threshold, gate_above, latch,
      weight, eps, scores, norms, out) = call
     dev = residual.device
@@ -626,61 +295,275 @@ def launch(call: JunctionArgs, dims: Dims, *, path: Optional[str] = None) -> Non
     has_gate = has_slot and gate_concept is not None
     has_latch = has_gate and latch is not None
     has_w = weight is not None and out is not None
-    dummy = norms  # any fp32 tensor: pointer of an argument the kernel never reads
-    v_ = V if V is not None else dummy
-    scores_, sc_s0, sc_s1 = (scores, scores.stride(0), scores.stride(1)) if K else (dummy, 0, 0)
-    if has_slot:
-        slot_, shift_, lo_, hi_ = slot, shift, lo, hi
-    else:
-        P = 1
-        slot_ = shift_ = lo_ = hi_ = dummy
-    if has_gate:
-        gc_, thr_, above_ = gate_concept, gate_threshold, gate_above.view(torch.uint8)
-    else:
-        gc_ = thr_ = above_ = dummy
-    if has_latch:
-        # decisions read the latch as of call start; fired slots are merged after the kernel
-        fired = torch.zeros(P, dtype=torch.int32, device=dev)
-        latch_ = latch
-    else:
-        fired = latch_ = dummy
-    w_ = weight if has_w else dummy
-    out_ = out if has_w else dummy
-    args = (residual, residual.stride(0), x if has_x else dummy,
-            x.stride(0) if has_x else 0, v_,
-            slot_, shift_, lo_, hi_, gc_, thr_, above_, latch_, fired,
-            w_, out_, out_.stride(0) if has_w else 0,
-            scores_, sc_s0, sc_s1, norms, norms.stride(0))
+    dummy = norms  # any tensor: the pointer of an argument a kernel never dereferences
+    P = P if has_slot else 1
+    kc, nkc = k_chunk(K)
     flags = dict(HAS_X=has_x, HAS_SLOT=has_slot, HAS_GATE=has_gate, HAS_LATCH=has_latch,
                  HAS_W=has_w)
-    which = path or choose_path(T, d, K, P)
-    kp = triton.next_power_of_2(K)
-    if which in ("row", "chunked"):
-        block_d = triton.next_power_of_2(d)
-        if which == "chunked":
-            block_d = min(ROW_CHUNK_D, block_d)
-        warps = _row_warps(block_d)
-        block_k = max(1, min(kp, ROW_TILE_PER_THREAD * 32 * warps // block_d))
-        kernel = _junction_row_kernel if which == "row" else _junction_chunked_kernel
-        kernel[(T,)](*args, d, K, P, float(eps), **flags, BLOCK_D=block_d, BLOCK_K=block_k,
-                     num_warps=warps)
-    elif which == "tile":
-        if not _tile_fits(d, K, P):
-            raise ValueError(f"triton junction: the tile kernel takes K <= {TILE_MAX_K} and "
-                             f"K*d, P*K < 2^31 (got K={K}, d={d}, P={P})")
-        v_split = v_.dtype == torch.float32
-        cfg = tile_config(max(16, kp), v_split)
-        n_prog = triton.cdiv(T, cfg["BLOCK_T"])
-        dq = (torch.empty((n_prog * cfg["BLOCK_T"], cfg["BLOCK_K"]), dtype=torch.float32,
-                          device=dev) if has_slot else scores_)
-        _junction_tile_kernel[(n_prog,)](
-            *args, dq, T, d, K, P, float(eps), **flags,
-            H_SPLIT=residual.dtype == torch.float32, V_SPLIT=v_split,
-            num_stages=TILE_NUM_STAGES, **cfg)
+    splits = dict(H_SPLIT=residual.dtype != torch.bfloat16,
+                  V_SPLIT=V is not None and V.dtype != torch.bfloat16, INTERP=interp)
+    common = dict(
+        res_ptr=residual, res_stride=residual.stride(0), x_ptr=x if has_x else dummy,
+        x_stride=x.stride(0) if has_x else 0, V_ptr=V if V is not None else dummy)
+    tables = dict(
+        slot_ptr=slot if has_slot else dummy, shift_ptr=shift if has_slot else dummy,
+        lo_ptr=lo if has_slot else dummy, hi_ptr=hi if has_slot else dummy,
+        gc_ptr=gate_concept if has_gate else dummy,
+        thr_ptr=gate_threshold if has_gate else dummy,
+        above_ptr=gate_above.view(torch.uint8) if has_gate else dummy,
+        latch_ptr=latch if has_latch else dummy)
+    fired = _persistent(dev, "fired", P) if has_latch else dummy
+    outs = dict(
+        scores_ptr=scores if K else dummy, sc_stride0=scores.stride(0) if K else 0,
+        sc_stride1=scores.stride(1) if K else 0, norms_ptr=norms,
+        norms_stride=norms.stride(0))
+    w_ = dict(w_ptr=weight if has_w else dummy, out_ptr=out if has_w else dummy,
+              out_stride=out.stride(0) if has_w else 0)
+    n_rt = triton.cdiv(T, TILE_ROWS)
+    bd = chunk_d(residual.dtype)
+    seg_chunks, n_seg, n_chunks = _segments(d, bd)
+    blocks = dict(BT=TILE_ROWS, BD=bd, KC=kc)
+    np_ = 4 if splits["H_SPLIT"] else (2 if splits["V_SPLIT"] else 1)
+
+    if path == "tile":
+        if K > TILE_MAX_K:
+            raise ValueError(f"triton junction: the tile path takes K <= {TILE_MAX_K} "
+                             f"(got K={K}, d={d})")
+        launches = []
+        if K:
+            # V's bf16 pieces, transposed, once per call: the MMAs read them from memory
+            vt = torch.empty((np_ * d, nkc * kc), dtype=torch.bfloat16, device=dev)
+            launches.append(Launch(
+                "tile.vcat", K_._vcat_kernel, (nkc, triton.cdiv(d, bd)),
+                dict(V_ptr=V, Vt_ptr=vt, d=d, K=K, KP=nkc * kc),
+                dict(H_SPLIT=splits["H_SPLIT"], V_SPLIT=splits["V_SPLIT"], INTERP=interp,
+                     KC=kc, BD=bd, NP=np_),
+                NUM_WARPS, 1))
+        else:
+            vt = dummy
+        count = _persistent(dev, "count", 1) if has_latch else dummy
+        args = dict(common, **tables, fired_ptr=fired, count_ptr=count, **w_, **outs,
+                    T=T, d=d, K=K, P=P, eps=float(eps))
+        del args["V_ptr"]
+        args.update(Vt_ptr=vt, KP=max(nkc * kc, 1))
+        consts = dict(flags, **splits, **blocks, NKC=nkc, SEG_CHUNKS=seg_chunks,
+                      P_BLOCK=P_BLOCK, STAGES=TILE_STAGES, STAGES2=TILE_UPDATE_STAGES)
+        launches.append(Launch("tile", K_._tile_kernel, (n_rt,), args, consts, NUM_WARPS,
+                               TILE_STAGES))
+        return launches
+    if path != "split":
+        raise ValueError(f"triton junction: unknown path {path!r} ({', '.join(PATHS)})")
+
+    # split path: per-call scratch in one fp32 buffer
+    nkcp = max(nkc, 1)
+    Tpad = n_rt * TILE_ROWS
+    KP = nkc * kc
+    sizes = dict(part=n_seg * Tpad * KP, sqp=n_chunks * Tpad, pscr=Tpad * KP,
+                 dq=Tpad * KP if has_slot else 0, inv=Tpad if has_w else 0,
+                 apply=Tpad if has_slot else 0,
+                 sq2=n_chunks * Tpad if has_slot and has_w else 0)
+    if sizes["part"] >= 2**31:
+        raise ValueError(f"triton junction: T={T}, d={d}, K={K} is too large for the split "
+                         "path's scratch")
+    buf = torch.empty(sum(sizes.values()), dtype=torch.float32, device=dev)
+    views, at = {}, 0
+    for name, n in sizes.items():
+        views[name] = buf[at:at + n] if n else dummy
+        at += n
+    if has_slot:
+        views["apply"] = views["apply"].view(torch.int32)
+    count = _persistent(dev, "count", n_rt * nkcp + n_rt + 1)
+    scratch = dict(part_ptr=views["part"], sqp_ptr=views["sqp"], pscr_ptr=views["pscr"],
+                   dq_ptr=views["dq"], inv_ptr=views["inv"], apply_ptr=views["apply"])
+    launches = [Launch(
+        "split.proj", K_._split_proj_kernel, (n_rt, nkcp, n_seg),
+        dict(common, **tables, fired_ptr=fired, count_ptr=count, **outs, **scratch, T=T, d=d,
+             K=K, P=P, eps=float(eps), Tpad=Tpad, part_stride=Tpad * KP),
+        dict(flags, HAS_V=K > 0, **splits, **blocks, SEG_CHUNKS=seg_chunks,
+             P_BLOCK=P_BLOCK),
+        NUM_WARPS, SPLIT_STAGES)]
+    if has_x or has_slot or has_w:
+        launches.append(Launch(
+            "split.update", K_._split_update_kernel, (n_rt, triton.cdiv(d, bd)),
+            dict(common, **w_, dq_ptr=views["dq"], inv_ptr=views["inv"],
+                 apply_ptr=views["apply"], sq2_ptr=views["sq2"], T=T, d=d, K=K,
+                 eps=float(eps), Tpad=Tpad, n_kc=nkc),
+            dict(HAS_X=has_x, HAS_SLOT=has_slot, HAS_W=has_w, H_SPLIT=splits["H_SPLIT"],
+                 V_SPLIT=splits["V_SPLIT"], INTERP=interp, **blocks),
+            NUM_WARPS, SPLIT_STAGES))
+    if has_slot and has_w:
+        launches.append(Launch(
+            "split.norm", K_._split_norm_kernel, (n_rt, triton.cdiv(d, bd)),
+            dict(res_ptr=residual, res_stride=residual.stride(0), **w_,
+                 apply_ptr=views["apply"], sq2_ptr=views["sq2"], T=T, d=d, eps=float(eps),
+                 Tpad=Tpad, n_chunks=triton.cdiv(d, bd)),
+            dict(INTERP=interp, BT=TILE_ROWS, BD=bd), 4, 1))
+    return launches
+
+
+# ----------------------------------------------------------------------------- variants
+#: Residual dtype x V dtype combinations the op takes (V is fp32 or the residual's dtype).
+DTYPE_COMBOS = ((torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                (torch.float16, torch.float32), (torch.float16, torch.float16),
+                (torch.float32, torch.float32))
+#: Feature sets: which optional arguments a call passes.
+FEATURES = {
+    "steer": dict(x=True, slot=True, gate=True, latch=True, weight=True),
+    "steer_nolatch": dict(x=True, slot=True, gate=True, latch=False, weight=True),
+    "steer_ungated": dict(x=True, slot=True, gate=False, latch=False, weight=True),
+    "steer_nonorm": dict(x=True, slot=True, gate=True, latch=True, weight=False),
+    "hook": dict(x=False, slot=True, gate=True, latch=True, weight=False),
+    "monitor_norm": dict(x=True, slot=False, gate=False, latch=False, weight=True),
+    "monitor": dict(x=True, slot=False, gate=False, latch=False, weight=False),
+    "monitor_hook": dict(x=False, slot=False, gate=False, latch=False, weight=False),
+}
+#: K values that reach every ``(KC, NKC)`` the launcher uses (0: no V).
+K_CLASSES = (0, 1, 16, 32, 64, 128, 171, 256, 512)
+
+
+def example_call(T: int, d: int, K: int, dtype: torch.dtype, v_dtype: torch.dtype,
+                 features: dict, *, P: int = 5, device="cpu") -> Tuple[JunctionArgs, Dims]:
+    """A complete call of the given shape (uninitialised data) and its dims: what the compile
+    checks plan launches for (the launches specialise on these tensors' alignment)."""
+    e = lambda *shape, dt=torch.float32: torch.empty(*shape, dtype=dt, device=device)  # noqa
+    f = features
+    slot = f["slot"] and K > 0
+    gate = slot and f["gate"]
+    call = JunctionArgs(
+        residual=e(T, d, dt=dtype), V=e(K, d, dt=v_dtype) if K else None,
+        x=e(T, d, dt=dtype) if f["x"] else None,
+        slot=torch.zeros(T, dtype=torch.int32, device=device) if slot else None,
+        shift=e(P, K) if slot else None, lo=e(P, K) if slot else None,
+        hi=e(P, K) if slot else None,
+        gate_concept=torch.zeros(P, dtype=torch.int32, device=device) if gate else None,
+        gate_threshold=e(P) if gate else None,
+        gate_above=torch.zeros(P, dtype=torch.bool, device=device) if gate else None,
+        latch=torch.zeros(P, dtype=torch.int32, device=device) if gate and f["latch"] else None,
+        weight=e(d, dt=dtype) if f["weight"] else None, eps=1e-6,
+        scores=e(T, K) if K else None, norms=e(T), out=e(T, d, dt=dtype) if f["weight"] else None)
+    return call, Dims(T, d, K, P if slot else 0)
+
+
+class Variant(NamedTuple):
+    """One compiled form of a kernel: what ``triton.compile`` needs to build it ahead of time
+    as a real launch would (``signature`` / ``constexprs`` / ``attrs`` from the launch's
+    argument specialisation: 16-byte-aligned pointers and ints divisible by 16 get
+    ``tt.divisibility = 16``, ints equal to 1 become constants)."""
+
+    name: str
+    kernel: object
+    signature: Dict[str, str]
+    constexprs: Dict[str, object]
+    attrs: Dict[Tuple[int, ...], list]
+    num_warps: int
+    num_stages: int
+
+
+def specialise(ln: Launch) -> Variant:
+    """The :class:`Variant` the JIT compiles for launch ``ln``."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    fn = ln.kernel
+    sig, consts, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in ln.consts:
+            sig[name] = "constexpr"
+            consts[name] = ln.consts[name]
+            continue
+        ty, key = native_specialize_impl(BaseBackend, ln.args[name], False, True, True)
+        if ty == "constexpr":
+            sig[name], consts[name] = "constexpr", key
+        else:
+            sig[name] = ty
+            if key == "D":
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return Variant(ln.name, fn, sig, consts, attrs, ln.num_warps, ln.num_stages)
+
+
+def compile_variants(full: bool = False) -> List[Variant]:
+    """The kernel variants a GPU launch can compile, for the ahead-of-time compile checks.
+
+    ``full``: every path x dtype combination x K class x feature set, at d = 4096 and, for
+    the split path, also d = 577 (rows not 16-byte aligned: the tile path is not chosen for
+    those) and T = 1 (a specialised constant).  Default: the register-heaviest set: every
+    path x dtype combination x K class with all features, every feature set for a bf16
+    residual with fp32 V at K = 171, and the unaligned and T = 1 split forms of those.
+    Duplicates (same kernel, signature, constants, hints) are dropped.
+    """
+    out, seen = [], set()
+
+    def add(path, T, d, K, dt, vdt, feat):
+        if not path_applies(path, T, d, K):
+            return
+        call, dims = example_call(T, d, K, dt, vdt, FEATURES[feat])
+        for ln in plan(call, dims, path, interp=False):
+            v = specialise(ln)
+            key = (v.name, tuple(sorted(v.signature.items())), repr(sorted(v.constexprs.items())),
+                   repr(sorted(v.attrs.items())), v.num_warps, v.num_stages)
+            if key not in seen:
+                seen.add(key)
+                out.append(v._replace(name=f"{v.name} {path} T={T} d={d} K={K} "
+                                             f"{str(dt)[6:]}/{str(vdt)[6:]} {feat}"))
+
+    rows = {"tile": 64, "split": 64}
+    for path in PATHS:
+        for dt, vdt in DTYPE_COMBOS:
+            for K in K_CLASSES:
+                feats = FEATURES if full else (["steer"] if K else ["monitor_norm"])
+                for feat in feats:
+                    if K == 0 and FEATURES[feat]["slot"]:
+                        continue
+                    if K == 0 and vdt != DTYPE_COMBOS[0][1] and dt == torch.bfloat16:
+                        continue  # no V: the V dtype does not matter
+                    ds = (4096, 577) if full and path == "split" else (4096,)
+                    Ts = (rows[path], 1) if (full and path == "split") else (rows[path],)
+                    for d in ds:
+                        for T in Ts:
+                            add(path, T, d, K, dt, vdt, feat)
+    if not full:
+        for path in PATHS:
+            for feat in FEATURES:
+                add(path, rows[path], 4096, 171, torch.bfloat16, torch.float32, feat)
+        add("split", 64, 577, 171, torch.bfloat16, torch.float32, "steer")
+        add("split", 1, 4096, 171, torch.bfloat16, torch.float32, "steer")
+        add("split", 1, 4096, 171, torch.bfloat16, torch.float32, "monitor_norm")
+    return out
+
+
+def junction_triton_(*args, path: Optional[str] = None, **kwargs) -> None:
+    """A raw ``steerkernel::junction_triton`` call: the op's arguments
+    (:class:`~steerkernel.ops.args.JunctionArgs`, positional or by keyword).
+
+    Checks the metadata with the shared :func:`~steerkernel.ops.checks.check_structure`
+    (``RuntimeError`` before any write; values are the public wrapper's) and runs
+    :func:`launch`.  ``path`` (one of :data:`PATHS`) forces a path.
+    """
+    call = JunctionArgs(*args, **kwargs)
+    launch(call, check_structure(call, MODEL_DTYPES, complete=True), path=path)
+
+
+def launch(call: JunctionArgs, dims: Dims, *, path: Optional[str] = None) -> None:
+    """Run a call that :func:`check_structure` accepted (``dims``: its sizes) on the
+    residual's device.  Writes ``residual`` (in place), ``scores``, ``norms``, ``out`` and
+    ``latch``; slots outside ``[0, P)`` act as slot 0 and gate concepts outside ``[-1, K)``
+    never fire.  By default :func:`choose_path` picks the path.
+    """
+    T, d, K, _ = dims
+    if T == 0:
+        return
+    residual = call.residual
+    which = path or choose_path(T, d, K, residual.dtype)
+    which = _ALIASES.get(which, which)
+    if which == "tile" and path is None and FORCE_PATH is None and not _rows_aligned(call):
+        which = "split"
+    if residual.device.type == "cuda":
+        with torch.cuda.device(residual.device):
+            for ln in plan(call, dims, which):
+                ln.run()
     else:
-        raise ValueError(f"triton junction: unknown path {which!r} (row, chunked, tile)")
-    if has_latch:
-        latch.masked_fill_(fired != 0, 1)
+        for ln in plan(call, dims, which):
+            ln.run()
 
 
 # Triton runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (tests).

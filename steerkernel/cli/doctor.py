@@ -56,11 +56,19 @@ def collect() -> dict:
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "nvcc": shutil.which("nvcc"),
         "backends": {k: {"available": ok, "why": why} for k, (ok, why) in status.items()},
-        "auto_backend": {"cpu": backends.resolve(torch.device("cpu"))},
+        "auto_backend": {},
         "forced_backend": os.environ.get(backends.ENV_VAR),
     }
-    if torch.cuda.is_available():
-        info["auto_backend"]["cuda"] = backends.resolve(torch.device("cuda"))
+    try:
+        info["dispatch"] = backends.dispatch_table()
+        info["dispatch"]["by_batch_size"] = backends.dispatch.by_batch_size()
+    except backends.dispatch.TableError as e:
+        info["dispatch"] = {"error": str(e)}
+    for dev in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
+        try:
+            info["auto_backend"][dev] = backends.resolve(torch.device(dev))
+        except backends.dispatch.TableError:
+            info["auto_backend"][dev] = "error (see the dispatch table)"
     try:
         from ..models import default_model_status
 
@@ -92,6 +100,21 @@ def run(args) -> int:
     auto = ", ".join(f"{dev} tensors -> {b}" for dev, b in info["auto_backend"].items())
     print(f"automatic choice: {auto}"
           + (f" (STEERKERNEL_BACKEND={info['forced_backend']})" if info["forced_backend"] else ""))
+    table = info["dispatch"]
+    if "error" in table:
+        print(f"dispatch table: ERROR {table['error']}")
+    else:
+        from ..backends.dispatch import format_rows
+
+        kind = ("measured rows first, then predictions" if table["measured"]
+                else "predictions, not measurements")
+        by_t = ("T rows apply: STEERKERNEL_DISPATCH_BY_T=1, not batch-invariant"
+                if table["by_batch_size"] else "rows with a T condition are skipped: "
+                "batch-invariant; STEERKERNEL_DISPATCH_BY_T=1 opts in")
+        print(f"dispatch table ({table['source']}; {kind}; first matching row, first "
+              f"available backend; {by_t}):")
+        for line in format_rows(table["rows"]):
+            print(f"  {line}")
     if "default_model" in info:
         print(f"default model: {info['default_model']}")
     return 0
