@@ -1,6 +1,6 @@
 """CPU kernel targets of issue 13, measured side by side in one run, with this machine's roofline.
 
-1. Monitoring cost vs vLLM: T = 256, d = 2048, K = 16, fp32, monitor + fused RMSNorm (no
+1. Monitoring cost vs vLLM: T = 256, d = 2048, K = 16, fp32 and bf16 (residual, x, V, weight), monitor + fused RMSNorm (no
    steering) against vLLM's own CPU ``fused_add_rms_norm`` (``torch.ops._C``, registered by
    ``import vllm._custom_ops``; in place: ``x <- rmsnorm(x + r) * w``, ``r <- x + r``).  The
    kernel runs twice: with ``out = x`` (the same in-place contract and memory traffic as vLLM's
@@ -206,17 +206,24 @@ def vllm_op():
         return None, f"{type(e).__name__}: {e}"
 
 
-def target_vllm(op, budget: float, T=256, d=2048, K=16) -> dict:
+def target_vllm(op, budget: float, T=256, d=2048, K=16, dtype=torch.float32,
+                peak_gflops=None) -> dict:
+    """Kernel (monitor, and plain add + RMSNorm) vs vLLM's fused_add_rms_norm at one shape;
+    residual, x, V and weight all in ``dtype`` (fp32, or bf16 as a bf16 model serves)."""
     vop, why = vllm_op()
     if vop is None:
         return {"skipped": f"vLLM's fused_add_rms_norm is not importable: {why}"}
     gen = torch.Generator().manual_seed(0)
-    V = torch.nn.functional.normalize(torch.randn(K, d, generator=gen), dim=1)
-    w = torch.rand(d, generator=gen) + 0.5
+    V = torch.nn.functional.normalize(torch.randn(K, d, generator=gen), dim=1).to(dtype)
+    w = (torch.rand(d, generator=gen) + 0.5).to(dtype)
+    esz = torch.finfo(dtype).bits // 8
+    tol = CHECK_TOL if dtype == torch.float32 else Tol(rtol=2e-2, atol=2e-2)
 
     def mk():
-        return {"r": torch.randn(T, d, generator=gen), "x": torch.randn(T, d, generator=gen),
-                "out": torch.empty(T, d), "sc": torch.empty(T, K), "nm": torch.empty(T)}
+        return {"r": torch.randn(T, d, generator=gen).to(dtype),
+                "x": torch.randn(T, d, generator=gen).to(dtype),
+                "out": torch.empty(T, d, dtype=dtype), "sc": torch.empty(T, K),
+                "nm": torch.empty(T)}
 
     def call(s, v, inplace):
         return JunctionArgs(residual=s["r"], V=v, x=s["x"], weight=w, eps=EPS,
@@ -224,18 +231,21 @@ def target_vllm(op, budget: float, T=256, d=2048, K=16) -> dict:
                             out=s["x"] if inplace else s["out"])
 
     impls = {  # name -> (fn(set), bytes moved)
-        "vllm_fused_add_rms_norm": (lambda s: vop(s["x"], s["r"], w, EPS), 4 * T * d * 4),
-        "kernel_monitor_out_is_x": (lambda s: op(*call(s, V, True)), 4 * T * d * 4 + K * d * 4),
+        "vllm_fused_add_rms_norm": (lambda s: vop(s["x"], s["r"], w, EPS), 4 * T * d * esz),
+        "kernel_monitor_out_is_x": (lambda s: op(*call(s, V, True)),
+                                    4 * T * d * esz + K * d * esz),
         "kernel_monitor_out_separate": (lambda s: op(*call(s, V, False)),
-                                        4 * T * d * 4 + K * d * 4),
-        "kernel_addnorm_out_is_x": (lambda s: op(*call(s, None, True)), 4 * T * d * 4),
-        "kernel_addnorm_out_separate": (lambda s: op(*call(s, None, False)), 4 * T * d * 4),
+                                        4 * T * d * esz + K * d * esz),
+        "kernel_addnorm_out_is_x": (lambda s: op(*call(s, None, True)), 4 * T * d * esz),
+        "kernel_addnorm_out_separate": (lambda s: op(*call(s, None, False)), 4 * T * d * esz),
     }
     # check vLLM's op and the kernel (out = x) against the float64 reference on one set
     s0 = mk()
     sc, nm, out = junction(s0["r"].double(), V.double(), s0["x"].double(), weight=w.double(),
                            eps=EPS, backend="reference")
-    h = s0["r"].double() + s0["x"].double()
+    # the stored residual is rounded to dtype; out is computed from the stored value
+    h = (s0["r"].double() + s0["x"].double()).to(dtype).double()
+    out = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + EPS) * w.double()
     a = {k: v.clone() for k, v in s0.items()}
     vop(a["x"], a["r"], w, EPS)
     b = {k: v.clone() for k, v in s0.items()}
@@ -243,11 +253,14 @@ def target_vllm(op, budget: float, T=256, d=2048, K=16) -> dict:
     for name, got, want in (("vllm out", a["x"], out), ("vllm residual", a["r"], h),
                             ("kernel out", b["x"], out), ("kernel residual", b["r"], h),
                             ("kernel scores", b["sc"], sc), ("kernel norms", b["nm"], nm)):
-        assert_close(got.double(), want, CHECK_TOL, name)
-    res = {"shape": {"T": T, "d": d, "K": K, "dtype": "fp32", "mode": "monitor_norm"},
+        assert_close(got.double(), want, tol, name)
+    res = {"shape": {"T": T, "d": d, "K": K, "dtype": str(dtype).replace("torch.", ""),
+                     "mode": "monitor_norm"},
            "checked": True, "regimes": {}}
+    if peak_gflops:  # the projection's 2*T*K*d FLOPs alone at the measured fp32 FMA peak
+        res["projection_at_fma_peak_s"] = 2 * T * K * d / (peak_gflops * 1e9)
     for regime in ("cold", "warm"):
-        n = nsets_for(4 * T * d * 4, regime == "cold")
+        n = nsets_for(4 * T * d * esz, regime == "cold")
         if regime == "cold":
             fns = [rotating(f, [mk() for _ in range(n)]) for f, _ in impls.values()]
             times = interleaved(fns, budget)
@@ -362,15 +375,18 @@ def main(argv=None) -> int:
         peak_g = gemm["gflops_max"]
     print(f"# FMA peak (1 core): {peak}; torch.mm 1024^3: {gemm['gflops_max']:.1f} GF/s; "
           f"copy bandwidth {bw['gbps']:.1f} GB/s")
-    print("# target 1: kernel vs vLLM fused_add_rms_norm, T=256 d=2048 K=16 monitor_norm fp32")
-    t1 = target_vllm(op, budget)
-    for regime, r in t1.get("regimes", {}).items():
-        for name, row in r["impls"].items():
-            print(f"  {regime:<4} {name:<30} {row['median_s'] * 1e6:9.1f} us  "
-                  f"{row['ratio_to_vllm']:.2f}x vLLM   (cpu time {row['cpu_median_s'] * 1e6:9.1f}"
-                  f" us  {row['ratio_to_vllm_cpu_time']:.2f}x)")
-    if "skipped" in t1:
-        print(f"  skipped: {t1['skipped']}")
+    t1 = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        print(f"# target 1: kernel vs vLLM fused_add_rms_norm, T=256 d=2048 K=16 monitor_norm "
+              f"{dtype}")
+        t1[dtype] = r1 = target_vllm(op, budget, dtype=dtype, peak_gflops=peak_g)
+        for regime, r in r1.get("regimes", {}).items():
+            for name, row in r["impls"].items():
+                print(f"  {regime:<4} {name:<30} {row['median_s'] * 1e6:9.1f} us  "
+                      f"{row['ratio_to_vllm']:.2f}x vLLM   (cpu time "
+                      f"{row['cpu_median_s'] * 1e6:9.1f} us  {row['ratio_to_vllm_cpu_time']:.2f}x)")
+        if "skipped" in r1:
+            print(f"  skipped: {r1['skipped']}")
     print("# target 2: kernel vs unfused eager chain, K=171")
     t2 = target_chain(op, budget, Ts, ds, ("monitor_norm", "steer_norm"), peak_g, bw["gbps"])
     bw2 = copy_bandwidth("cpu", lambda fn: time_cpu(fn, warmup_s=0.05, budget_s=1.0))
@@ -387,7 +403,8 @@ def main(argv=None) -> int:
         "roofline": {"fma_peak": peak, "fma_peak_gflops_used": peak_g, "torch_mm": gemm,
                      "copy_bandwidth_gbps": max(bw["gbps"], bw2["gbps"]),
                      "copy_bandwidth": {"start": bw, "end": bw2}},
-        "target_vllm": t1,
+        "target_vllm": t1[torch.float32],
+        "target_vllm_bf16": t1[torch.bfloat16],
         "target_chain_k171": t2,
         "elapsed_s": round(time.time() - start, 1),
     }

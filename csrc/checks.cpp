@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <limits>
 
 #include "junction.h"
 
@@ -144,6 +145,11 @@ JunctionParams check_and_pack(const at::Tensor& residual, const OptTensor& V, co
     SK_CHECK(weight->is_contiguous(), "weight must be contiguous");
   }
   SK_CHECK(std::isfinite(eps) && eps >= 0, "eps must be a finite float >= 0, got ", eps);
+  // the kernels add eps in float32: a nonzero eps must not round to 0 (or overflow to inf)
+  SK_CHECK(eps == 0 || (eps >= std::numeric_limits<float>::denorm_min() &&
+                        eps <= std::numeric_limits<float>::max()),
+           "eps must be 0 or within float32's range [", std::numeric_limits<float>::denorm_min(),
+           ", ", std::numeric_limits<float>::max(), "], got ", eps);
   p.eps = static_cast<float>(eps);
 
   if (scores) {

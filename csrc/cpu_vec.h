@@ -9,6 +9,7 @@
 //   reduce_add4(a, b, c, d, out): out[0..3] = reduce_add of a, b, c, d (one shuffle tree)
 //
 //   avx512::Vec  16 lanes, AVX-512F/BW/VL/DQ + FMA + F16C   (x86-64 with GCC)
+//   avx512bf16::Vec  the same plus AVX512-BF16 (bf16 stores by vcvtneps2bf16)
 //   avx2::Vec     8 lanes, AVX2 + FMA + F16C                (x86-64 with GCC)
 //   portable::Vec 4 lanes, GCC/Clang vector extensions      (any target: SSE2, NEON, ...)
 //
@@ -192,56 +193,18 @@ inline void reduce_add4(Vec a, Vec b, Vec c, Vec d, float* out) {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
 namespace avx512 {
-struct Vec {
-  static constexpr int W = 16;
-  __m512 v;
-
-  static Vec zero() { return Vec{_mm512_setzero_ps()}; }
-  static Vec set1(float f) { return Vec{_mm512_set1_ps(f)}; }
-  static Vec load(const float* p) { return Vec{_mm512_loadu_ps(p)}; }
-  static Vec load(const bf16* p) {
-    const __m512i w =
-        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-    return Vec{_mm512_castsi512_ps(_mm512_slli_epi32(w, 16))};
-  }
-  static Vec load(const f16* p) {
-    return Vec{_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
-  }
-  void store(float* p) const { _mm512_storeu_ps(p, v); }
-  void store(bf16* p) const {
-    const __m512i u = _mm512_castps_si512(v);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb);
-    r = _mm512_srli_epi32(r, 16);
-    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    r = _mm512_mask_blend_epi32(nan, r, _mm512_set1_epi32(0x7FC0));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
-  }
-  void store(f16* p) const {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
-                        _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  }
-};
-inline Vec operator+(Vec a, Vec b) { return Vec{_mm512_add_ps(a.v, b.v)}; }
-inline Vec operator*(Vec a, Vec b) { return Vec{_mm512_mul_ps(a.v, b.v)}; }
-inline Vec fma(Vec a, Vec b, Vec c) { return Vec{_mm512_fmadd_ps(a.v, b.v, c.v)}; }
-inline __m256 fold_256(__m512 a);
-inline float reduce_add(Vec a) {
-  const __m256 s8 = fold_256(a.v);
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-inline __m256 fold_256(__m512 a) {  // 16 lanes -> 8 lanes, lane i + lane i+8
-  return _mm256_add_ps(_mm512_castps512_ps256(a),
-                       _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
-}
-inline void reduce_add4(Vec a, Vec b, Vec c, Vec d, float* out) {
-  _mm_storeu_ps(out, avx2::reduce_add4_256(fold_256(a.v), fold_256(b.v), fold_256(c.v),
-                                           fold_256(d.v)));
-}
+#include "cpu_vec_avx512.h"
 }  // namespace avx512
+#pragma GCC pop_options
+
+// ------------------------------------------------------------------ AVX-512 with AVX512-BF16
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")
+namespace avx512bf16 {
+#define STEERKERNEL_VEC_CVTNEPS2BF16 1
+#include "cpu_vec_avx512.h"
+#undef STEERKERNEL_VEC_CVTNEPS2BF16
+}  // namespace avx512bf16
 #pragma GCC pop_options
 #endif  // STEERKERNEL_X86_SIMD
 

@@ -12,7 +12,8 @@
 // Residual / x / out: fp32, bf16 or fp16; V and weight: fp32 or the residual's dtype; all
 // arithmetic fp32.  The instruction set is the best one this CPU supports, or a lower one named
 // by $STEERKERNEL_CPU_ISA (avx512 | avx2 | portable), read once per process.  With AVX512-BF16
-// the bf16-residual, bf16-V projection uses vdpbf16ps ("avx512bf16").
+// bf16 residuals use vcvtneps2bf16 stores, and with bf16 V the vdpbf16ps projection
+// ("avx512bf16").
 #include <ATen/Parallel.h>
 
 #include <cstdlib>
@@ -88,16 +89,17 @@ namespace avx512 {
 }  // namespace avx512
 #pragma GCC pop_options
 
-// AVX-512 plus AVX512-BF16 (Zen 4+, Cooper Lake, Sapphire Rapids+): only the bf16-residual,
-// bf16-V kernels differ (vdpbf16ps projection); everything else runs the avx512 kernels.
+// AVX-512 plus AVX512-BF16 (Zen 4+, Cooper Lake, Sapphire Rapids+): the bf16-residual kernels
+// (bf16 stores by vcvtneps2bf16; with bf16 V, the projection by vdpbf16ps); fp32 and fp16
+// residuals run the avx512 kernels.
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")
 namespace avx512bf16 {
-using avx512::Vec;
 #define STEERKERNEL_BF16_DOT 1
 #include "junction_cpu_kernel.h"
 #undef STEERKERNEL_BF16_DOT
-inline TileFn tile_fn_bf16_v(bool w32) {
+inline TileFn tile_fn_bf16(bool v32, bool w32) {
+  if (v32) return w32 ? &junction_tile<bf16, float, float> : &junction_tile<bf16, float, bf16>;
   return w32 ? &junction_tile<bf16, bf16, float> : &junction_tile<bf16, bf16, bf16>;
 }
 }  // namespace avx512bf16
@@ -138,7 +140,7 @@ TileFn select_tile_fn(Dtype st, bool v32, bool w32) {
   switch (active_isa()) {
 #if STEERKERNEL_X86_SIMD
     case Isa::avx512bf16:
-      if (st == Dtype::bf16 && !v32) return avx512bf16::tile_fn_bf16_v(w32);
+      if (st == Dtype::bf16) return avx512bf16::tile_fn_bf16(v32, w32);
       return avx512::tile_fn(st, v32, w32);
     case Isa::avx512: return avx512::tile_fn(st, v32, w32);
     case Isa::avx2: return avx2::tile_fn(st, v32, w32);
@@ -152,8 +154,8 @@ TileFn select_tile_fn(Dtype st, bool v32, bool w32) {
 std::string simd_description() {
   switch (cpu::active_isa()) {
     case cpu::Isa::avx512bf16:
-      return "avx512bf16 (AVX-512F/BW/VL/DQ + FMA + F16C, 16 fp32 lanes; AVX512-BF16 dot for "
-             "bf16 residual with bf16 V)";
+      return "avx512bf16 (AVX-512F/BW/VL/DQ + FMA + F16C, 16 fp32 lanes; AVX512-BF16: bf16 "
+             "stores, and the dot for bf16 residual with bf16 V)";
     case cpu::Isa::avx512: return "avx512 (AVX-512F/BW/VL/DQ + FMA + F16C, 16 fp32 lanes)";
     case cpu::Isa::avx2: return "avx2 (AVX2 + FMA + F16C, 8 fp32 lanes)";
     default: return "portable (compiler vector extensions, 4 fp32 lanes)";

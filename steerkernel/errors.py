@@ -26,3 +26,8 @@ class SpecError(SteerkernelError, ValueError):
 
 class UnsupportedModelError(SteerkernelError, ValueError):
     """The model (or the installed transformers version) is not supported."""
+
+
+class InputError(SteerkernelError, ValueError):
+    """An input or output path is unusable: not a regular file (a FIFO, socket or device that
+    could block or stream forever), larger than its documented limit, or not UTF-8 text."""

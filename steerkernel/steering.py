@@ -23,10 +23,13 @@ norm: the usual "strength" of the steering literature) and ``z`` (for ``add``: �
 baseline std; for thresholds and pins: ``baseline_mean + value × baseline_std``).  Defaults:
 ``rel`` for ``add``, ``abs`` otherwise.
 
-Several entries on the same (layer, concept, token phase) combine: shifts add up, lower bounds
-take the max and upper bounds the min (an empty interval is a :class:`SpecError`).  The update
-is simultaneous over concepts: exact for orthogonal directions, approximate for correlated ones
-(editing one concept moves the projections of the concepts correlated with it).
+Within one entry each layer is named at most once (``calm=+1abs@10+10`` is a
+:class:`SpecError`, not a shift of 2).  Separate entries on the same (layer, concept, token
+phase) combine on purpose: shifts add up (``calm=+1abs@10; calm=+1abs@10`` shifts by 2),
+lower bounds take the max and upper bounds the min (an empty interval is a
+:class:`SpecError`).  The update is simultaneous over concepts: exact for orthogonal
+directions, approximate for correlated ones (editing one concept moves the projections of the
+concepts correlated with it).
 
 A gate makes a slot's whole update conditional on another concept's projection at the same
 layer: it opens when ``p[g] > τ`` (``above``) or ``p[g] < τ``; with ``latch`` it stays open for
@@ -55,12 +58,19 @@ String form (for CLIs), entries separated by ``;`` or ``,``::
              | "==" NUMBER [unit]         pin                      fear==0.5
     unit    := "abs" | "rel" | "z"
     layers  := RANGE ("+" RANGE)*  with RANGE := INT | INT "-" INT (inclusive)   @10-20+25
-               (layer indices below MAX_LAYER = 100,000)
+               (layer indices below MAX_LAYER = 100,000; at most MAX_STEER_LAYERS = 1024
+               layers per entry, each named once: ``@10+10`` and ``@5-9+7`` are errors)
     tokens  := "all" | "prompt" | "generated"
     gate    := CONCEPT (">" | "<") NUMBER [unit] ["!"]       "!" latches the gate
                                                               (default unit abs)
 
 Example: ``"calm=+0.08@10-20:generated?desperate>2z!; refusal=ablate"``.
+
+Bounds (checked before the work they bound; docs/security.md): ``MAX_PROGRAM_CHARS``
+characters, ``MAX_ENTRIES`` entries, ``MAX_STEER_LAYERS`` layers per entry and
+``MAX_PROGRAM_LAYERS`` (entry, layer) pairs per program.  The parser is a one-pass scanner
+(no regular expression that can backtrack across parts), so parsing is linear in the length.
+Error messages quote at most ``QUOTE_CHARS`` characters of the input (:func:`quote_input`).
 
 Concept names: any non-empty string a bank allows.  A ``NAME`` is written bare when it has no
 whitespace and none of ``= < > @ : ? ; , ! " \\``; any other name is a ``QUOTED`` string in
@@ -79,11 +89,21 @@ import torch
 from torch import Tensor
 
 from .errors import SpecError, UnknownConceptError
+from .limits import MAX_LAYER, NUMBER, NUMBER_RE, QUOTE_CHARS, quote_input  # noqa: F401
 
 OPS = ("add", "ablate", "cap_above", "cap_below", "pin")
 #: layer indices of a steer must lie in ``[0, MAX_LAYER)`` (no model comes close; bounds what
 #: a range such as ``@0-1000000000`` may expand to)
-MAX_LAYER = 100_000
+#: bounds of a steering program, checked before the work they bound (docs/security.md)
+#: characters of a program's string form (the input string, and the canonical form of a
+#: program given as a list)
+MAX_PROGRAM_CHARS = 16_384
+#: entries per program
+MAX_ENTRIES = 256
+#: layers one entry names, after ranges are expanded (each layer at most once)
+MAX_STEER_LAYERS = 1024
+#: (entry, layer) pairs of a whole program, entries without layers counting every bank layer
+MAX_PROGRAM_LAYERS = 16_384
 #: largest magnitude a resolved value may have: the op's tables are float32
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 UNITS = ("abs", "rel", "z")
@@ -93,8 +113,12 @@ PHASES = ("prompt", "generated")
 
 def _finite(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise SpecError(f"{name} must be a number, got {value!r}")
-    value = float(value)
+        raise SpecError(f"{name} must be a number, got {quote_input(value)}")
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond float range
+        raise SpecError(f"{name} must be finite, got an integer of "
+                        f"{value.bit_length()} bits") from None
     if not math.isfinite(value):
         raise SpecError(f"{name} must be finite, got {value!r}")
     return value
@@ -116,10 +140,11 @@ class Gate:
 
     def __post_init__(self):
         if not isinstance(self.concept, str) or not self.concept:
-            raise SpecError(f"gate concept must be a non-empty string, got {self.concept!r}")
+            raise SpecError(f"gate concept must be a non-empty string, got "
+                            f"{quote_input(self.concept)}")
         object.__setattr__(self, "threshold", _finite("gate threshold", self.threshold))
         if self.unit not in UNITS:
-            raise SpecError(f"gate unit must be one of {UNITS}, got {self.unit!r}")
+            raise SpecError(f"gate unit must be one of {UNITS}, got {quote_input(self.unit)}")
         if not isinstance(self.above, bool) or not isinstance(self.latch, bool):
             raise SpecError("gate above / latch must be booleans")
 
@@ -150,27 +175,43 @@ class Steer:
 
     def __post_init__(self):
         if not isinstance(self.concept, str) or not self.concept:
-            raise SpecError(f"concept must be a non-empty string, got {self.concept!r}")
+            raise SpecError(f"concept must be a non-empty string, got {quote_input(self.concept)}")
         if self.op not in OPS:
-            raise SpecError(f"unknown operation {self.op!r}; choose one of {OPS}")
-        object.__setattr__(self, "value", _finite(f"value of {self.concept!r}", self.value))
+            raise SpecError(f"unknown operation {quote_input(self.op)}; choose one of {OPS}")
+        object.__setattr__(self, "value", _finite(f"value of {quote_input(self.concept)}",
+                                                  self.value))
         unit = self.unit if self.unit is not None else ("rel" if self.op == "add" else "abs")
         if unit not in UNITS:
-            raise SpecError(f"unit must be one of {UNITS}, got {self.unit!r}")
+            raise SpecError(f"unit must be one of {UNITS}, got {quote_input(self.unit)}")
         object.__setattr__(self, "unit", unit)
         if self.op == "ablate":  # value and unit mean nothing here: one canonical form
             object.__setattr__(self, "value", 0.0)
             object.__setattr__(self, "unit", "abs")
         if self.layers is not None:
-            layers = tuple(self.layers) if not isinstance(self.layers, int) else (self.layers,)
+            if isinstance(self.layers, int):
+                layers = (self.layers,)
+            elif isinstance(self.layers, (list, tuple, range)):
+                layers = self.layers
+            else:
+                raise SpecError(f"layers must be a list of integers, got "
+                                f"{type(self.layers).__name__}")
+            if len(layers) > MAX_STEER_LAYERS:  # before looking at any of them
+                raise SpecError(f"steer on {quote_input(self.concept)} names {len(layers)} layers "
+                                f"(limit {MAX_STEER_LAYERS})")
+            layers = tuple(layers)
             for layer in layers:
                 if isinstance(layer, bool) or not isinstance(layer, int):
-                    raise SpecError(f"layers must be integers, got {layer!r}")
+                    raise SpecError(f"layers must be integers, got {quote_input(layer)}")
             if not layers:
-                raise SpecError(f"steer on {self.concept!r} has an empty layer list")
+                raise SpecError(f"steer on {quote_input(self.concept)} has an empty layer list")
+            if len(set(layers)) != len(layers):
+                seen = set()
+                twice = next(x for x in layers if x in seen or seen.add(x))
+                raise SpecError(f"layer {twice} is named twice in the steer on "
+                                f"{quote_input(self.concept)} (each layer at most once per entry)")
             object.__setattr__(self, "layers", layers)
         if self.tokens not in TOKENS:
-            raise SpecError(f"tokens must be one of {TOKENS}, got {self.tokens!r}")
+            raise SpecError(f"tokens must be one of {TOKENS}, got {quote_input(self.tokens)}")
         if self.gate is not None and not isinstance(self.gate, Gate):
             raise SpecError(f"gate must be a Gate, got {type(self.gate).__name__}")
 
@@ -189,9 +230,15 @@ class Program:
 
     def __post_init__(self):
         steers = tuple(self.steers)
+        if len(steers) > MAX_ENTRIES:
+            raise SpecError(f"steering program has {len(steers)} entries (limit {MAX_ENTRIES})")
         for s in steers:
             if not isinstance(s, Steer):
                 raise SpecError(f"a Program holds Steer entries, got {type(s).__name__}")
+        named = sum(len(s.layers) for s in steers if s.layers is not None)
+        if named > MAX_PROGRAM_LAYERS:
+            raise SpecError(f"steering program names {named} (entry, layer) pairs "
+                            f"(limit {MAX_PROGRAM_LAYERS})")
         object.__setattr__(self, "steers", steers)
 
     @classmethod
@@ -222,25 +269,20 @@ class Program:
 
 
 # ---------------------------------------------------------------------------- string form
-_NUM = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
+_NUM = NUMBER
 _BARE = r'[^\s=<>@:?;,!"\\]+'
 _QUOTED = r'"(?:[^"\\]|\\.)*"'
-_NAME = rf"{_QUOTED}|{_BARE}"
 _BARE_RE = re.compile(_BARE)
-_ENTRY = re.compile(
-    rf"^(?P<concept>{_NAME})\s*"
-    rf"(?:(?P<cmp><=|>=|==)\s*(?P<cval>{_NUM})(?P<cunit>abs|rel|z)?"
-    rf"|=\s*(?:(?P<word>ablate|mean)|(?P<aval>{_NUM})(?P<aunit>abs|rel|z)?))"
-    rf"\s*(?:@(?P<layers>[\d+\-\s]+))?"
-    rf"\s*(?::(?P<tokens>\w+))?"
-    rf"\s*(?:\?\s*(?P<gconcept>{_NAME})\s*(?P<gdir>[<>])\s*(?P<gval>{_NUM})(?P<gunit>abs|rel|z)?"
-    rf"\s*(?P<latch>!)?)?\s*$")
-
-
-def _show(value, limit: int = 60) -> str:
-    """``repr`` of ``value`` cut to ``limit`` characters (error messages quote user input)."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit - 20]}...<{len(text)} chars>"
+# the scanner's tokens: each regex is matched once at a position and never backtracked into
+# by a later part, so parsing is linear in the entry's length
+_WS_RE = re.compile(r"\s*")
+_NAME_RE = re.compile(rf"{_QUOTED}|{_BARE}")
+_NUM_RE = NUMBER_RE
+_UNIT_RE = re.compile(r"abs|rel|z")
+_WORD_RE = re.compile(r"ablate|mean")
+_LAYERS_RE = re.compile(r"[\d+\-\s]+")
+_TOKENS_RE = re.compile(r"\w+")
+_RANGE_RE = re.compile(r"(\d+)(?:-(\d+))?")
 
 
 def _name(text: str) -> str:
@@ -257,37 +299,147 @@ def _format_name(name: str) -> str:
 
 
 def _parse_layers(text: str, entry: str) -> Tuple[int, ...]:
-    """Expand ``"10-20+25"``; every index must lie in ``[0, MAX_LAYER)`` (checked on the digit
-    strings before any ``int()`` or expansion, so hostile ranges cost nothing)."""
+    """Expand ``"10-20+25"``.  Every index must lie in ``[0, MAX_LAYER)`` (checked on the digit
+    strings before any ``int()``), the entry may name at most ``MAX_STEER_LAYERS`` layers
+    (checked before each range is expanded) and each layer at most once."""
     out: List[int] = []
+    seen = set()
     digits = len(str(MAX_LAYER - 1))
     for part in text.replace(" ", "").split("+"):
-        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        m = _RANGE_RE.fullmatch(part)
         if not m:
-            raise SpecError(f"bad layer range {_show(part)} in {_show(entry)} "
+            raise SpecError(f"bad layer range {quote_input(part)} in {quote_input(entry)} "
                             "(use e.g. @10-20+25)")
         ends = [g.lstrip("0") or "0" for g in m.groups() if g is not None]
         if any(len(e) > digits or int(e) >= MAX_LAYER for e in ends):
-            raise SpecError(f"layer range {_show(part)} in {_show(entry)} is out of bounds: "
-                            f"layer indices lie in [0, {MAX_LAYER})")
+            raise SpecError(f"layer range {quote_input(part)} in {quote_input(entry)} is out of "
+                            f"bounds: layer indices lie in [0, {MAX_LAYER})")
         a = int(ends[0])
         b = int(ends[-1])
         if b < a:
-            raise SpecError(f"empty layer range {part!r} in {_show(entry)}")
-        out.extend(range(a, b + 1))
+            raise SpecError(f"empty layer range {quote_input(part)} in {quote_input(entry)}")
+        if len(out) + (b - a + 1) > MAX_STEER_LAYERS:
+            raise SpecError(f"too many layers in {quote_input(entry)}: an entry names at most "
+                            f"{MAX_STEER_LAYERS} layers")
+        for layer in range(a, b + 1):
+            if layer in seen:
+                raise SpecError(f"layer {layer} is named twice in {quote_input(entry)} (each layer "
+                                "at most once per entry; write a second entry to add more)")
+            seen.add(layer)
+            out.append(layer)
     return tuple(out)
 
 
+class _Scanner:
+    """Left-to-right tokens of one entry (no backtracking: linear time)."""
+
+    def __init__(self, text: str):
+        self.text, self.pos = text, 0
+
+    def ws(self) -> None:
+        self.pos = _WS_RE.match(self.text, self.pos).end()
+
+    def take(self, rx) -> Optional[str]:
+        m = rx.match(self.text, self.pos)
+        if m is None or not m.group():
+            return None
+        self.pos = m.end()
+        return m.group()
+
+    def lit(self, *options: str) -> Optional[str]:
+        for o in options:
+            if self.text.startswith(o, self.pos):
+                self.pos += len(o)
+                return o
+        return None
+
+    @property
+    def done(self) -> bool:
+        return self.pos == len(self.text)
+
+
+_EXPECTED = ("expected e.g. 'calm=+0.05', 'refusal=ablate', 'fear<=2.0', 'joy>=0', "
+             "'fear==0.5' with optional '@layers', ':tokens' and '?gate' parts")
+
+
+def _scan_entry(entry: str) -> Tuple[Optional[dict], int]:
+    """``(parts, pos)``: the parts of ``entry`` (grammar in the module docstring), or None and
+    the position where it stops parsing.  Same language as the single regular expression it
+    replaces (whose nested optional whitespace backtracked in O(n^4)), in one pass."""
+    s = _Scanner(entry)
+    g, ok = _scan_groups(s)
+    return (g if ok else None), s.pos
+
+
+def _scan_groups(s: _Scanner) -> Tuple[dict, bool]:
+    """Consume the parts of an entry from ``s``: ``(parts, whether the whole entry parsed)``."""
+    g: Dict[str, Optional[str]] = dict.fromkeys(
+        ("concept", "cmp", "cval", "cunit", "word", "aval", "aunit", "layers", "tokens",
+         "gconcept", "gdir", "gval", "gunit", "latch"))
+    g["concept"] = s.take(_NAME_RE)
+    if g["concept"] is None:
+        return g, False
+    s.ws()
+    g["cmp"] = s.lit("<=", ">=", "==")
+    if g["cmp"]:
+        s.ws()
+        g["cval"] = s.take(_NUM_RE)
+        if g["cval"] is None:
+            return g, False
+        g["cunit"] = s.take(_UNIT_RE)
+    elif s.lit("="):
+        s.ws()
+        g["word"] = s.take(_WORD_RE)
+        if g["word"] is None:
+            g["aval"] = s.take(_NUM_RE)
+            if g["aval"] is None:
+                return g, False
+            g["aunit"] = s.take(_UNIT_RE)
+    else:
+        return g, False
+    s.ws()
+    if s.lit("@"):
+        g["layers"] = s.take(_LAYERS_RE)
+        if g["layers"] is None:
+            return g, False
+        s.ws()
+    if s.lit(":"):
+        g["tokens"] = s.take(_TOKENS_RE)
+        if g["tokens"] is None:
+            return g, False
+        s.ws()
+    if s.lit("?"):
+        s.ws()
+        g["gconcept"] = s.take(_NAME_RE)
+        if g["gconcept"] is None:
+            return g, False
+        s.ws()
+        g["gdir"] = s.lit(">", "<")
+        if g["gdir"] is None:
+            return g, False
+        s.ws()
+        g["gval"] = s.take(_NUM_RE)
+        if g["gval"] is None:
+            return g, False
+        g["gunit"] = s.take(_UNIT_RE)
+        s.ws()
+        g["latch"] = s.lit("!")
+        s.ws()
+    return g, s.done
+
+
 def parse_steer(text: str) -> Steer:
-    """Parse one entry of the string form, e.g. ``"fear<=2.0@10-20"``."""
+    """Parse one entry of the string form, e.g. ``"fear<=2.0@10-20"`` (linear time)."""
+    if not isinstance(text, str):
+        raise SpecError(f"a steering entry must be str, got {type(text).__name__}")
+    if len(text) > MAX_PROGRAM_CHARS:
+        raise SpecError(f"steering entry is {len(text)} characters long "
+                        f"(limit {MAX_PROGRAM_CHARS})")
     entry = text.strip()
-    m = _ENTRY.match(entry)
-    if not m:
-        raise SpecError(
-            f"cannot parse steering entry {entry!r}; expected e.g. 'calm=+0.05', "
-            "'refusal=ablate', 'fear<=2.0', 'joy>=0', 'fear==0.5' with optional '@layers', "
-            "':tokens' and '?gate' parts")
-    g = m.groupdict()
+    g, pos = _scan_entry(entry)
+    if g is None:
+        raise SpecError(f"cannot parse steering entry {quote_input(entry)} at character {pos + 1}; "
+                        f"{_EXPECTED}")
     if g["cmp"]:
         op = {"<=": "cap_above", ">=": "cap_below", "==": "pin"}[g["cmp"]]
         value, unit = float(g["cval"]), g["cunit"]
@@ -300,7 +452,8 @@ def parse_steer(text: str) -> Steer:
     layers = _parse_layers(g["layers"], entry) if g["layers"] else None
     tokens = g["tokens"] or "all"
     if tokens not in TOKENS:
-        raise SpecError(f"bad tokens {tokens!r} in {entry!r}; choose one of {TOKENS}")
+        raise SpecError(f"bad tokens {quote_input(tokens)} in {quote_input(entry)}; choose one "
+                        f"of {TOKENS}")
     gate = None
     if g["gconcept"]:
         gate = Gate(_name(g["gconcept"]), float(g["gval"]), above=g["gdir"] == ">",
@@ -332,11 +485,33 @@ def _split_entries(text: str) -> List[str]:
 
 def parse_program(text: str) -> Program:
     """Parse ``"calm=+0.05; refusal=ablate"`` (``;`` or ``,`` between entries; quoted concept
-    names may contain them)."""
+    names may contain them).  Linear time; the bounds (``MAX_PROGRAM_CHARS``, ``MAX_ENTRIES``,
+    ``MAX_STEER_LAYERS``, ``MAX_PROGRAM_LAYERS``) are checked before the work they bound."""
     if not isinstance(text, str):
         raise SpecError(f"a steering string must be str, got {type(text).__name__}")
+    if len(text) > MAX_PROGRAM_CHARS:
+        raise SpecError(f"steering program is {len(text)} characters long "
+                        f"(limit {MAX_PROGRAM_CHARS})")
     parts = [p for p in _split_entries(text) if p.strip()]
+    if len(parts) > MAX_ENTRIES:
+        raise SpecError(f"steering program has {len(parts)} entries (limit {MAX_ENTRIES})")
     return Program(tuple(parse_steer(p) for p in parts))
+
+
+def _format_layers(layers: Tuple[int, ...]) -> str:
+    """``(2, 3, 4, 5, 7)`` -> ``"2-5+7"``: ascending runs of three or more as ranges (order
+    kept, so the layers parse back to the same tuple)."""
+    out, i, n = [], 0, len(layers)
+    while i < n:
+        j = i
+        while j + 1 < n and layers[j + 1] == layers[j] + 1:
+            j += 1
+        if j - i >= 2:
+            out.append(f"{layers[i]}-{layers[j]}")
+        else:
+            out.extend(str(x) for x in layers[i:j + 1])
+        i = j + 1
+    return "+".join(out)
 
 
 def format_steer(s: Steer) -> str:
@@ -348,7 +523,7 @@ def format_steer(s: Steer) -> str:
         sym = {"add": "=", "cap_above": "<=", "cap_below": ">=", "pin": "=="}[s.op]
         body = f"{sym}{s.value:+}{s.unit}"
     if s.layers is not None:
-        body += "@" + "+".join(str(x) for x in s.layers)
+        body += "@" + _format_layers(s.layers)
     if s.tokens != "all":
         body += ":" + s.tokens
     if s.gate is not None:
@@ -419,7 +594,8 @@ def _concept_index(bank, name: str, what: str) -> int:
     names = list(bank.names)
     if name not in names:
         shown = ", ".join(names[:20]) + (" ..." if len(names) > 20 else "")
-        raise UnknownConceptError(f"{what} {name!r} is not in the bank (concepts: {shown})")
+        raise UnknownConceptError(f"{what} {quote_input(name)} is not in the bank (concepts: "
+                                  f"{shown})")
     return names.index(name)
 
 
@@ -455,6 +631,10 @@ def compile_program(program: ProgramLike, bank) -> CompiledProgram:
     layers = [int(x) for x in bank.layers]
     pos = {layer: i for i, layer in enumerate(layers)}
     L, K = len(layers), len(bank.names)
+    pairs = sum(L if s.layers is None else len(s.layers) for s in program.steers)
+    if pairs > MAX_PROGRAM_LAYERS:  # before any table is written
+        raise SpecError(f"steering program applies to {pairs} (entry, layer) pairs on this "
+                        f"bank (limit {MAX_PROGRAM_LAYERS})")
     tables = {ph: PhaseTables.identity(L, K) for ph in PHASES}
     gates: Dict[Tuple[str, int], Optional[Gate]] = {}
     for s in program.steers:
@@ -465,8 +645,8 @@ def compile_program(program: ProgramLike, bank) -> CompiledProgram:
             idx = []
             for layer in s.layers:
                 if layer not in pos:
-                    raise SpecError(f"layer {layer} of the steer on {s.concept!r} is out of "
-                                    f"range: the bank covers layers {layers}")
+                    raise SpecError(f"layer {layer} of the steer on {quote_input(s.concept)} is "
+                                    f"out of range: the bank covers layers {layers}")
                 idx.append(pos[layer])
         g_k = _concept_index(bank, s.gate.concept, "gate concept") if s.gate else -1
         for ph in s.phases():
@@ -490,8 +670,8 @@ def compile_program(program: ProgramLike, bank) -> CompiledProgram:
                     t.lo[i, k] = max(float(t.lo[i, k]), lo)
                     t.hi[i, k] = min(float(t.hi[i, k]), hi)
                     if t.lo[i, k] > t.hi[i, k]:
-                        raise SpecError(f"steers on {s.concept!r} at layer {layers[i]} ({ph} "
-                                        f"tokens) leave an empty interval "
+                        raise SpecError(f"steers on {quote_input(s.concept)} at layer "
+                                        f"{layers[i]} ({ph} tokens) leave an empty interval "
                                         f"[{float(t.lo[i, k])}, {float(t.hi[i, k])}]")
                 t.active[i] = True
                 if s.gate is not None:

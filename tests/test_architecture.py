@@ -34,6 +34,7 @@ PARTS = {
     "steerkernel.errors": "base",
     "steerkernel.requirements": "base",
     "steerkernel.fileio": "base",
+    "steerkernel.limits": "base",
     "steerkernel.introspect": "base",
     "steerkernel.models": "base",
     "steerkernel.data": "base",

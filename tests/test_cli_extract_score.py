@@ -153,7 +153,7 @@ def test_score_errors(extracted, tiny_model_dir, tmp_path, capsys):  # noqa: F81
         (["--bank", extracted, "--input", good, "--layer", "7"], "layer 7 is not in the bank"),
         (["--bank", str(tmp_path / "nope.safetensors"), "--input", good], "does not exist"),
         (["--bank", good, "--input", good], "not a valid concept bank"),
-        (["--bank", extracted, "--input", str(tmp_path / "none.jsonl")], "No such file"),
+        (["--bank", extracted, "--input", str(tmp_path / "none.jsonl")], "does not exist"),
     ]
     for argv, match in cases:
         rc, err = _err(capsys, ["score", "--model", tiny_model_dir] + argv)

@@ -116,6 +116,34 @@ CHECKS = textwrap.dedent(r'''
                         checked += 1
             torch.set_num_threads(1)
     print("batch invariance ok", checked, flush=True)
+
+    # 3. 16-bit stores bit for bit: the stored residual equals torch's rounding of r + x for
+    #    every kind of value (ties, subnormal sums, values that round to inf, inf, NaN), in the
+    #    SIMD body and the scalar tail, with and without V (vcvtneps2bf16 path and fallback)
+    f32 = torch.tensor([1.0, 1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, -1.0 - 2 ** -8, 3e38, -3.3e38,
+                        1e-39, -1e-40, 2 ** -126, 2 ** -149, 0.0, -0.0, float("inf"),
+                        float("-inf"), float("nan"), 65504.0, 65520.0, 6e-8, 1.5e-5, 1e-45,
+                        3.4e38, 1.17e-38, 5.9e-39, 123.456])
+    g = torch.Generator().manual_seed(7)
+    for dt in (torch.bfloat16, torch.float16):
+        for d in (48, 53):  # all SIMD vectors / a scalar tail
+            vals = f32[torch.randint(0, len(f32), (6, d), generator=g)]
+            # one vector in every row stays free of special values (the fast path runs)
+            vals[:, :16] = torch.randn(6, 16, generator=g)
+            r = vals.to(dt)
+            x = (vals * torch.rand(6, d, generator=g)).to(dt)
+            want = (r.float() + x.float()).to(dt)
+            for K in (0, 3):
+                V = (torch.nn.functional.normalize(torch.randn(K, d, generator=g), dim=1).to(dt)
+                     if K else None)
+                res = r.clone()
+                junction(res, V, x=x.clone(), weight=torch.ones(d, dtype=dt), eps=1e-6,
+                         backend="cpu", check_values=False)
+                nan = want.isnan()
+                assert torch.equal(res.isnan(), nan), (dt, d, K)
+                got_bits = res.view(torch.int16)[~nan]
+                assert torch.equal(got_bits, want.view(torch.int16)[~nan]), (dt, d, K)
+    print("16-bit stores ok", flush=True)
 ''')
 
 
@@ -145,3 +173,4 @@ def test_kernel_paths_under_each_isa(isa):
     lines = r.stdout.split("\n")
     assert lines[0] == isa, f"asked for {isa}, the kernel says {lines[0]}"
     assert "reference ok" in r.stdout and "batch invariance ok" in r.stdout
+    assert "16-bit stores ok" in r.stdout

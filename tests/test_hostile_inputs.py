@@ -228,6 +228,8 @@ def test_infinite_thresholds_have_clamp_semantics(backend):
     ("eps None", lambda kw: kw.update(eps=None), ValueError, "eps"),
     ("eps tensor", lambda kw: kw.update(eps=kw["residual"].new_tensor(1e-6)), ValueError,
      "eps"),
+    ("eps rounds to 0 in float32", lambda kw: kw.update(eps=1e-46), ValueError, "eps"),
+    ("eps overflows float32", lambda kw: kw.update(eps=1e39), ValueError, "eps"),
     ("slot without tables", lambda kw: kw.update(shift=None, lo=None, hi=None), ValueError,
      "nothing to apply"),
     ("P = 0", lambda kw: kw.update(shift=kw["shift"][:0], lo=None, hi=None,
@@ -251,6 +253,38 @@ def test_bad_values_are_rejected_before_any_write(backend, what, mutate, exc, pa
     if what.startswith("float64") and backend == "reference":
         pytest.skip("the reference backend runs float64 residuals")
     reject(kw, exc, pattern, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("eps", [0.0, 2.0 ** -149, 1e-30, 3.4e38])
+def test_eps_at_the_edges_of_float32(backend, eps):
+    """eps is added in float32 by the kernels: the smallest positive float32 (2^-149) must stay
+    positive there, so an all-zero row normalises to 0 as in the float64 reference; eps = 0
+    keeps its contract (an all-zero row is 0 * inf = NaN, as in the reference)."""
+    kw = good_kwargs(device=DEVICE[backend])
+    kw.update(eps=eps, slot=None, shift=None, lo=None, hi=None, gate_concept=None,
+              gate_threshold=None, gate_above=None, latch=None)
+    kw["residual"][1] = 0
+    kw["x"][1] = 0
+    ref = {k: (v.cpu().clone() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    junction(**kw, backend=backend)
+    junction(**ref, backend="reference")
+    got, want = kw["out"].cpu(), ref["out"]
+    assert torch.equal(torch.isnan(got), torch.isnan(want)), (eps, got[1], want[1])
+    assert torch.allclose(got.nan_to_num(), want.nan_to_num(), rtol=1e-4, atol=1e-5), eps
+    if eps > 0:
+        assert (got[1] == 0).all()
+
+
+@pytest.mark.skipif("cpu" not in DEVICE, reason="the native extension is not built")
+@pytest.mark.parametrize("eps", [1e-46, 1e39])
+def test_raw_native_op_refuses_eps_float32_cannot_hold(eps):
+    """The C++ op checks eps itself (check_and_pack), not only the Python wrapper."""
+    op = torch.ops.steerkernel.junction.default
+    kw = good_kwargs()
+    kw["eps"] = eps
+    with pytest.raises(RuntimeError, match="eps must be 0 or within float32's range"):
+        op(**kw)
 
 
 def test_unknown_backend_is_a_clear_error():
@@ -1233,11 +1267,15 @@ def test_huge_layer_range_fails_fast_without_allocating():
 
 @needs_steering
 def test_largest_layer_range_is_bounded():
-    """The widest range the grammar accepts (every index below MAX_LAYER) stays cheap, and
-    one past it is a SpecError naming the range."""
-    from steerkernel.steering import MAX_LAYER
+    """The widest range the grammar accepts (MAX_STEER_LAYERS layers, indices below
+    MAX_LAYER) stays cheap; one layer more, or an index past MAX_LAYER, is a SpecError."""
+    from steerkernel.steering import MAX_LAYER, MAX_STEER_LAYERS
 
-    assert len(parse_steer(f"calm=+1@0-{MAX_LAYER - 1}").layers) == MAX_LAYER
+    top = MAX_LAYER - 1
+    assert len(parse_steer(f"calm=+1@{top - MAX_STEER_LAYERS + 1}-{top}").layers) \
+        == MAX_STEER_LAYERS
+    with pytest.raises(SpecError, match=f"at most {MAX_STEER_LAYERS} layers"):
+        parse_steer(f"calm=+1@0-{MAX_STEER_LAYERS}")
     with pytest.raises(SpecError, match=f"'0-{MAX_LAYER}'"):
         parse_steer(f"calm=+1@0-{MAX_LAYER}")
 

@@ -137,8 +137,8 @@ def steers(draw):
     if draw(st.booleans()):
         gate = Gate(draw(NAME_TEXT), draw(FINITE), draw(st.booleans()),
                     draw(st.sampled_from(["abs", "rel", "z"])), draw(st.booleans()))
-    layers = draw(st.none() | st.lists(st.integers(0, 99_999), min_size=1, max_size=5)
-                  .map(tuple))
+    layers = draw(st.none() | st.lists(st.integers(0, 99_999), min_size=1, max_size=5,
+                                       unique=True).map(tuple))
     return Steer(draw(NAME_TEXT), draw(st.sampled_from(["add", "ablate", "cap_above",
                                                         "cap_below", "pin"])),
                  draw(FINITE), draw(st.sampled_from([None, "abs", "rel", "z"])), layers,

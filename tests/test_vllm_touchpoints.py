@@ -21,11 +21,11 @@ def test_every_touch_point_is_documented_and_has_a_wrapper():
             assert tp.kind in patches.WRAPPERS, tp.kind
             assert tp.module.startswith("vllm.") and tp.cls and tp.attr, tp
             assert tp.patches.strip() and tp.why.strip() and tp.replacement.strip(), tp
-    # the five internals of docs/vllm.md: input processing, worker load, execute, and the
-    # V1 / V2 batch layouts
+    # the internals of docs/vllm.md: input processing, async admission, worker load,
+    # execute, and the V1 / V2 batch layouts
     assert {tp.kind for tp in TOUCH_POINTS["0.32"]} == {
-        "input_processing", "worker_load", "execute_v1", "batch_layout_v1", "execute_v2",
-        "batch_layout_v2"}
+        "input_processing", "async_admission", "worker_load", "execute_v1", "batch_layout_v1",
+        "execute_v2", "batch_layout_v2"}
 
 
 def test_table_for_a_version():

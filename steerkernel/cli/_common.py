@@ -2,7 +2,10 @@
 
 Everything a user can get wrong is checked by :func:`check_args` before the model loads, so a
 bad argument costs no time and gives one line on stderr (``steerkernel <cmd>: error: ...``,
-exit 2, printed by :func:`steerkernel.cli.main.main`).
+exit 2, printed by :func:`steerkernel.cli.main.main`).  Input files are read through
+:func:`steerkernel.fileio.read_text_input` (regular files or stdin, size-capped) and the JSONL
+log is checked by :func:`steerkernel.fileio.check_output_file` (no FIFO).  Every string from a
+bank or an error that reaches the terminal goes through :func:`printable`.
 """
 from __future__ import annotations
 
@@ -10,8 +13,13 @@ import argparse
 import json
 import math
 import os
-import sys
 from typing import List, Optional
+
+#: sampling temperatures other than 0 (greedy) must lie in this range: 1e-300 overflows the
+#: logits to inf (NaN probabilities); beyond 1e6 sampling is uniform anyway
+TEMPERATURE_RANGE = (1e-6, 1e6)
+#: the repetition penalty must lie in this range (1e-300 divides by a float32 zero)
+REPETITION_PENALTY_RANGE = (1e-6, 1e6)
 
 MODEL_HELP = ("local HF checkpoint directory or .gguf file (default: the embedded "
               "SmolLM2-135M-Instruct)")
@@ -43,6 +51,20 @@ def finite_float(text: str) -> float:
     if not math.isfinite(v):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
     return v
+
+
+def printable(text, limit: Optional[int] = None) -> str:
+    """``str(text)`` safe for a terminal: newlines, control, bidirectional-override and other
+    non-printable characters escaped (``\\n``, ``\\x1b``, ``\\u202e``), and cut to ``limit``
+    characters (with `` ...``) when given."""
+    text = str(text)
+    cut = limit is not None and len(text) > limit
+    if cut:
+        text = text[:limit]
+    if not text.isprintable():
+        text = "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii")
+                       for ch in text)
+    return text + (" ..." if cut else "")
 
 
 def add_model_options(p) -> None:
@@ -113,10 +135,15 @@ def check_args(args) -> dict:
     out = {"program": None, "rules": []}
     if getattr(args, "greedy", False):
         args.temperature = 0.0
-    if getattr(args, "temperature", 0.0) < 0:
-        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
-    if getattr(args, "repetition_penalty", 1.0) <= 0:
-        raise ValueError(f"--repetition-penalty must be > 0, got {args.repetition_penalty}")
+    t = getattr(args, "temperature", 0.0)
+    lo, hi = TEMPERATURE_RANGE
+    if t < 0 or (t != 0 and not lo <= t <= hi):
+        raise ValueError(f"--temperature must be 0 (greedy) or in [{lo:g}, {hi:g}], got {t:g}")
+    rp = getattr(args, "repetition_penalty", 1.0)
+    lo, hi = REPETITION_PENALTY_RANGE
+    if not lo <= rp <= hi:
+        raise ValueError(f"--repetition-penalty must be in [{lo:g}, {hi:g}] (1 = none), got "
+                         f"{rp:g}")
     steers = [s for s in getattr(args, "steer", []) or []]
     for s in steers:
         if not s.strip():
@@ -127,10 +154,10 @@ def check_args(args) -> dict:
     for r in getattr(args, "alarm", []) or []:
         out["rules"].append(AlarmRule.parse(r))
     if getattr(args, "bank", None) is not None:
-        if not os.path.exists(args.bank):
-            raise FileNotFoundError(f"--bank: {args.bank!r} does not exist")
-        if os.path.isdir(args.bank):
-            raise IsADirectoryError(f"--bank: {args.bank!r} is a directory, not a bank file")
+        from ..errors import InputError
+        from ..fileio import check_regular_file
+
+        check_regular_file(args.bank, "--bank", InputError)  # before the model loads
     model = getattr(args, "model", None)
     if model not in (None, "default", "SmolLM2-135M-Instruct") and not (
             os.path.isdir(model) or (os.path.isfile(model) and model.endswith(".gguf"))):
@@ -139,11 +166,9 @@ def check_args(args) -> dict:
             "never downloads; omit --model for the embedded default)")
     log = getattr(args, "jsonl_log", None)
     if log is not None:
-        folder = os.path.dirname(os.path.abspath(log))
-        if os.path.isdir(log):
-            raise IsADirectoryError(f"--jsonl-log: {log!r} is a directory")
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(f"--jsonl-log: directory {folder!r} does not exist")
+        from ..fileio import check_output_file
+
+        check_output_file(log, "--jsonl-log")  # a FIFO would block the open forever
     return out
 
 
@@ -165,7 +190,12 @@ def read_prompt(args) -> object:
     if args.prompt is None:
         raise ValueError("no prompt: pass the user message as an argument, '-' for stdin, or "
                          "--scenario NAME")
-    text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if args.prompt == "-":
+        from ..fileio import read_text_input
+
+        text = read_text_input("-", "prompt")
+    else:
+        text = args.prompt
     if not text.strip():
         raise ValueError("the prompt is empty")
     return text
@@ -210,7 +240,32 @@ def prepare_generation(args, parsed: Optional[dict] = None) -> dict:
     layer = bank.layers[li]
     return dict(parsed=parsed, prompt=prompt, model=model, tok=tok, bank=bank, li=li,
                 layer=layer, ids=prompt_ids(tok, prompt, args), names=bank.names,
-                sinks=[JSONLSink(args.jsonl_log, layer=layer)] if args.jsonl_log else [])
+                sinks=[LogSink(JSONLSink(args.jsonl_log, layer=layer), args.jsonl_log)]
+                if args.jsonl_log else [])
+
+
+class LogSink:
+    """A sink wrapper whose write errors (a full disk: ``/dev/full``, ENOSPC) name the
+    ``--jsonl-log`` path instead of surfacing as a bare ``OSError``."""
+
+    def __init__(self, sink, path: str):
+        self.sink, self.path = sink, path
+
+    def _call(self, method: str, *args):
+        try:
+            return getattr(self.sink, method)(*args)
+        except OSError as e:
+            raise OSError(e.errno, f"--jsonl-log {self.path!r}: cannot write "
+                                   f"({e.strerror or e})") from None
+
+    def alarm(self, event) -> None:
+        self._call("alarm", event)
+
+    def request(self, report) -> None:
+        self._call("request", report)
+
+    def close(self) -> None:
+        self._call("close")
 
 
 def compile_check(program: Optional[str], bank) -> None:

@@ -6,6 +6,7 @@ import os
 from typing import List, Optional
 
 from ..concepts.extract import DEFAULT_START_OFFSET, METHODS
+from ._common import positive_int
 
 
 def add_arguments(p) -> None:
@@ -27,8 +28,9 @@ def add_arguments(p) -> None:
                    help="share of neutral variance projected out (emotion method)")
     p.add_argument("--holdout-every", type=int, default=5,
                    help="hold out every n-th text of each concept for the probe (0 = none)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=512, help="truncate texts to this many tokens")
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--max-length", type=positive_int, default=512,
+                   help="truncate texts to this many tokens")
     p.add_argument("--plots", default=None,
                    help="also write the circumplex and probe-per-layer PNGs into this directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -36,7 +38,9 @@ def add_arguments(p) -> None:
 
 
 def parse_layers(spec: str, n_layers: int) -> Optional[List[int]]:
-    """``"all"`` -> None; ``"2,5-7"`` -> ``[2, 5, 6, 7]``; each in ``[0, n_layers)``."""
+    """``"all"`` -> None; ``"2,5-7"`` -> ``[2, 5, 6, 7]``; each in ``[0, n_layers)``.  Range
+    ends are checked against ``n_layers`` before a range is expanded (``0-1000000000000`` is a
+    prompt error, not a trillion-element set)."""
     spec = spec.strip()
     if spec == "all":
         return None
@@ -44,19 +48,17 @@ def parse_layers(spec: str, n_layers: int) -> Optional[List[int]]:
     for part in spec.split(","):
         part = part.strip()
         try:
-            if "-" in part:
-                a, b = (int(x) for x in part.split("-", 1))
-                if b < a:
-                    raise ValueError
-                out.update(range(a, b + 1))
-            else:
-                out.add(int(part))
-        except ValueError:
-            raise ValueError(f"--layers: cannot read {part!r} (use 'all', 'a,b,c' or 'a-b' with "
-                             "non-negative integers)") from None
-    bad = sorted(x for x in out if not 0 <= x < n_layers)
-    if bad:
-        raise ValueError(f"--layers: {bad} are not layers of this model (0..{n_layers - 1})")
+            a, b = (int(x) for x in part.split("-", 1)) if "-" in part else (int(part),) * 2
+            if b < a or a < 0:
+                raise ValueError
+        except ValueError:  # also int() of more than 4300 digits
+            raise ValueError(f"--layers: cannot read {part[:40]!r} (use 'all', 'a,b,c' or 'a-b' "
+                             "with non-negative integers)") from None
+        if b >= n_layers:
+            shown = f"[{b}]" if a == b else f"{max(a, n_layers)}-{b}"
+            raise ValueError(f"--layers: {shown} are not layers of this model "
+                             f"(0..{n_layers - 1})")
+        out.update(range(a, b + 1))
     return sorted(out)
 
 
@@ -70,6 +72,11 @@ def run(args) -> int:
     folder = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"--out: directory {folder!r} does not exist")
+    if os.path.exists(args.out) and not os.path.isfile(args.out):
+        raise ValueError(f"--out: {args.out!r} exists and is not a regular file")
+    if args.plots is not None and os.path.exists(args.plots) and not os.path.isdir(args.plots):
+        # checked now, not after the extraction and after the bank is saved
+        raise ValueError(f"--plots: {args.plots!r} exists and is not a directory")
     corpus = load_corpus(args.corpus)  # fail fast on a bad corpus, before loading the model
     names = [n.strip() for n in args.concepts.split(",") if n.strip()] if args.concepts else None
     model, tok = load_model(args.model)

@@ -12,7 +12,7 @@ import json
 import sys
 
 from ._common import (add_generation_options, add_model_options, add_monitor_options,
-                      add_prompt_options, check_args, num, prepare_generation,
+                      add_prompt_options, check_args, num, prepare_generation, printable,
                       summary_dict, token_json)
 
 
@@ -85,17 +85,18 @@ def run(args) -> int:
         out.write("\n")
     else:
         out.write("--- unsteered ---\n" + gens[0].text.strip() + "\n")
-        out.write(f"--- steered ({parsed['program']}) ---\n" + gens[1].text.strip() + "\n")
+        out.write(f"--- steered ({printable(parsed['program'])}) ---\n"
+                  + gens[1].text.strip() + "\n")
         if change:
             out.write(f"--- largest changes in mean z (re-read unsteered, layer {layer}) ---\n")
             for n, v in change.items():
-                out.write(f"{n:<14}{v['unsteered']:+7.2f} -> {v['steered']:+7.2f}  "
+                out.write(f"{printable(n):<14}{v['unsteered']:+7.2f} -> {v['steered']:+7.2f}  "
                           f"({v['change']:+.2f})\n")
     out.flush()
     if not args.quiet:
         for s, g in zip(summaries, gens):
-            tag = f"steering '{g.program}'" if g.program else "unsteered"
-            top = ", ".join(f"{n} {v:+.2f}" for n, v in (s["top_mean"] or []))
+            tag = f"steering '{printable(g.program)}'" if g.program else "unsteered"
+            top = ", ".join(f"{printable(n)} {v:+.2f}" for n, v in (s["top_mean"] or []))
             alarms = f"; {len(s['alarms'])} alarm(s)" if parsed["rules"] else ""
             err.write(f"[{tag}] {s['tokens']} tokens ({s['finished']}); mean z at layer "
                       f"{layer}: {top or 'n/a'}{alarms}\n")

@@ -12,6 +12,7 @@ import sys
 from typing import List, Optional
 
 from ..errors import SteerkernelError
+from ._common import printable
 
 #: command -> one-line help.  Order is the order ``--help`` shows.
 COMMANDS = {
@@ -25,11 +26,16 @@ COMMANDS = {
 }
 
 
+#: longest error message printed (the rest is cut, so a huge input cannot flood the terminal)
+MAX_ERROR_CHARS = 2000
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line on stderr (``steerkernel <cmd>: error: ...``), exit 2."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+        self.exit(2, f"{self.prog}: error: {printable(message, MAX_ERROR_CHARS)} (see "
+                     f"'{self.prog} --help')\n")
 
 
 def _module(name: str):
@@ -62,10 +68,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         return int(_module(args.command).run(args) or 0)
-    except (SteerkernelError, ValueError, TypeError, FileNotFoundError, KeyError,
-            PermissionError, IsADirectoryError) as e:
+    except (SteerkernelError, ValueError, TypeError, KeyError, OSError, OverflowError) as e:
+        # OSError: missing / unreadable files, a full disk (ENOSPC), a closed pipe
         msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-        print(f"steerkernel {args.command}: error: {msg}", file=sys.stderr)
+        print(f"steerkernel {args.command}: error: {printable(msg, MAX_ERROR_CHARS)}",
+              file=sys.stderr)
+        return 2
+    except RecursionError:
+        print(f"steerkernel {args.command}: error: input nested too deeply", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(f"steerkernel {args.command}: error: out of memory", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -13,7 +13,8 @@ import os
 import sys
 
 from ._common import (add_generation_options, add_model_options, add_monitor_options,
-                      add_prompt_options, prepare_generation, summary_dict, token_json)
+                      add_prompt_options, prepare_generation, printable, summary_dict,
+                      token_json)
 
 
 def add_arguments(p) -> None:
@@ -40,7 +41,7 @@ def run(args) -> int:
         mode = "greedy" if args.temperature == 0 else (
             f"temperature {args.temperature:g}, top-k {args.top_k}, seed {args.seed}")
         out.write(f"model {model_name}, bank {bank.K} concepts x {bank.L} layers, layer {layer}"
-                  f", {mode}; steering: {parsed['program'] or 'none'}\n")
+                  f", {mode}; steering: {printable(parsed['program'] or 'none')}\n")
         out.write(f"prompt: {n_prompt} tokens\n")
         out.write(f"{'#':>4}  {'token':<{width}}  top {args.top} concepts (z at layer {layer})\n")
         out.flush()
@@ -49,8 +50,8 @@ def run(args) -> int:
         if args.json:
             out.write(token_json(rec, names, li, args.top, layer) + "\n")
         else:
-            cells = "  ".join(f"{n} {v:+.2f}" for n, v in top_concepts(rec.z[li], names,
-                                                                       args.top))
+            cells = "  ".join(f"{printable(n)} {v:+.2f}"
+                              for n, v in top_concepts(rec.z[li], names, args.top))
             out.write(f"{rec.index:>4}  {token_cell(rec.text, width)}  {cells}\n")
         out.flush()
 
@@ -59,7 +60,7 @@ def run(args) -> int:
             return  # alarms are in the summary object (and the JSONL log)
         where = ev.token - n_prompt
         at = f"generated token {where}" if where >= 0 else f"prompt token {ev.token}"
-        out.write(f"  ! alarm '{ev.rule}' fired at {at} (value {ev.value:+.2f})\n")
+        out.write(f"  ! alarm '{printable(ev.rule)}' fired at {at} (value {ev.value:+.2f})\n")
         out.flush()
 
     try:
@@ -81,7 +82,7 @@ def run(args) -> int:
     out.write(f"\n{len(gen.token_ids)} tokens generated (stopped: {gen.finished})\n")
     if summary["top_mean"]:
         out.write(f"mean z over the generated tokens at layer {layer}: " + ", ".join(
-            f"{n} {v:+.2f}" for n, v in summary["top_mean"]) + "\n")
+            f"{printable(n)} {v:+.2f}" for n, v in summary["top_mean"]) + "\n")
     if parsed["rules"]:
         out.write(f"alarms fired: {len(gen.alarms)}\n")
     out.write("text: " + gen.text.strip() + "\n")

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from typing import List
+
+from ._common import positive_int, printable
 
 
 def add_arguments(p) -> None:
@@ -19,29 +20,21 @@ def add_arguments(p) -> None:
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per text: text, layer, scores, z")
     p.add_argument("--top", type=int, default=5, help="concepts shown per text without --json")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=16)
 
 
 def read_texts(path: str) -> List[str]:
-    """The ``"text"`` of every non-blank line of a JSONL file (errors name the line)."""
-    f = sys.stdin if path == "-" else open(path, encoding="utf-8")
+    """The ``"text"`` of every non-blank line of a JSONL file (``"-"``: stdin); a regular file
+    of at most :data:`~steerkernel.fileio.MAX_TEXT_INPUT_BYTES` (errors name the line)."""
+    from ..fileio import jsonl_records, read_text_input
+
     texts = []
-    try:
-        for no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{path} line {no}: not valid JSON ({e})") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str) \
-                    or not rec["text"].strip():
-                raise ValueError(f"{path} line {no}: expected an object with a non-empty "
-                                 "\"text\" string")
-            texts.append(rec["text"])
-    finally:
-        if f is not sys.stdin:
-            f.close()
+    for no, rec in jsonl_records(read_text_input(path, "--input").splitlines(), path):
+        if not isinstance(rec, dict) or not isinstance(rec.get("text"), str) \
+                or not rec["text"].strip():
+            raise ValueError(f"{path} line {no}: expected an object with a non-empty "
+                             "\"text\" string")
+        texts.append(rec["text"])
     if not texts:
         raise ValueError(f"{path}: no texts to score")
     return texts
@@ -70,6 +63,6 @@ def run(args) -> int:
                               "z": {n: _num(z[i, k]) for k, n in enumerate(bank.names)}}))
         else:
             top = z[i].argsort(descending=True)[:max(args.top, 1)].tolist()
-            shown = "  ".join(f"{bank.names[k]} {float(z[i, k]):+.2f}z" for k in top)
+            shown = "  ".join(f"{printable(bank.names[k])} {float(z[i, k]):+.2f}z" for k in top)
             print(f"[{i}] {text[:60]!r}: {shown}")
     return 0

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import unicodedata
 from collections import Counter
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
@@ -40,6 +41,12 @@ from . import bankfile
 
 #: how far a stored direction's norm may be from 1
 UNIT_TOL = 1e-3
+#: Unicode categories a concept name may not hold: control characters (ESC, BEL, newline...),
+#: surrogates, line and paragraph separators
+_NAME_FORBIDDEN_CATEGORIES = {"Cc", "Cs", "Zl", "Zp"}
+#: bidirectional formatting characters (category Cf) that reorder how a terminal shows text
+_BIDI_CONTROLS = set("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
+                     "\u2066\u2067\u2068\u2069")
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -76,6 +83,19 @@ def _check_json(name: str, obj) -> dict:
                               f"{e}") from None
 
 
+def name_problem(name) -> Optional[str]:
+    """Why ``name`` cannot be a concept name (None if it can): it must be a non-empty string
+    without control characters, surrogates, line / paragraph separators or bidirectional
+    overrides, which a terminal would interpret when the name is printed."""
+    if not isinstance(name, str) or not name.strip():
+        return f"must be a non-empty string, got {name!r:.60}"
+    for ch in name:
+        if ch in _BIDI_CONTROLS or unicodedata.category(ch) in _NAME_FORBIDDEN_CATEGORIES:
+            return (f"{name!r:.60} holds the control character U+{ord(ch):04X} (control, "
+                    "separator and bidirectional-override characters are not allowed)")
+    return None
+
+
 # ------------------------------------------------------------------------------ the bank
 class ConceptBank:
     """K named concepts x L layers of unit residual-stream directions, with statistics.
@@ -108,9 +128,10 @@ class ConceptBank:
         names = list(names)
         if not names:
             raise BankFormatError("bank has no concepts (names is empty)")
-        bad = [n for n in names if not isinstance(n, str) or not n.strip()]
-        if bad:
-            raise BankFormatError(f"bank concept names must be non-empty strings, got {bad[:5]}")
+        for n in names:
+            problem = name_problem(n)
+            if problem:
+                raise BankFormatError(f"bank concept name {problem}")
         dup = sorted(n for n, c in Counter(names).items() if c > 1)
         if dup:
             raise BankFormatError(f"bank concept names are not unique: {dup}")
@@ -346,8 +367,9 @@ class ConceptBank:
                 :func:`steerkernel.concepts.extract.calibrate`).
             extras: JSON-able per-concept metadata (e.g. ``valence=0.8``).
         """
-        if not isinstance(name, str) or not name.strip():
-            raise BankFormatError(f"concept name must be a non-empty string, got {name!r}")
+        problem = name_problem(name)
+        if problem:
+            raise BankFormatError(f"concept name {problem}")
         if name in self.names:
             raise BankFormatError(f"concept {name!r} is already in the bank")
         L, d = self.L, self.d
@@ -453,10 +475,10 @@ class ConceptBank:
             raise BankFormatError(f"{source}: the vector at layer "
                                   f"{layers[int((norms == 0).nonzero()[0])]} is zero")
         L = len(layers)
-        nan = torch.full((L, 1), math.nan)
         return cls(names=[name], layers=layers,
                    directions=(V.double() / norms[:, None]).float()[:, None],
-                   baseline_mean=nan, baseline_std=nan,
+                   baseline_mean=torch.full((L, 1), math.nan),
+                   baseline_std=torch.full((L, 1), math.nan),
                    vector_norms=norms.float()[:, None], resid_norm=torch.full((L,), math.nan),
                    default_layer=layers[L // 2], site="resid_post",
                    metadata=dict(metadata or {}, method="imported", source=source,

@@ -9,11 +9,18 @@ and bytes).  Reading parses and bounds-checks the header itself before reading a
 so a truncated, bit-flipped or absurd file raises :class:`BankFormatError` without allocating
 more than the file's own size; nothing is ever unpickled.
 
-``.pt``: a dict of the same tensors plus a ``"bank"`` header dict, read with
-``torch.load(weights_only=True)``.
+``.pt``: a dict of the same tensors plus a ``"bank"`` header dict, read by
+:func:`load_torch_file`: the zip archive's central directory is checked first (at most
+:data:`PT_MAX_MEMBERS` members, at most ``max(PT_MIN_UNCOMPRESSED_CAP, PT_MAX_EXPANSION x file
+size)`` bytes uncompressed in all), then ``torch.load(weights_only=True)`` runs, then every
+tensor must be a dense CPU float tensor and together they may not view more bytes than the
+archive stores (a stride-0 view of one float cannot claim 2^40 elements).
 
 ``.gguf``: a llama.cpp / repeng control vector, read as ``{layer: vector}`` by
-:func:`read_gguf_vectors` (layer numbering: see :mod:`steerkernel.concepts.interop`).
+:func:`read_gguf_vectors` (layer numbering: see :mod:`steerkernel.concepts.interop`).  Before
+any tensor is copied, every tensor's byte range must lie inside the file and no two may
+overlap (so the copies together never exceed the file size), with at most
+:data:`MAX_VECTOR_TENSORS` tensors.
 """
 from __future__ import annotations
 
@@ -23,7 +30,8 @@ import math
 import os
 import re
 import struct
-from typing import Any, Dict, Mapping
+import zipfile
+from typing import Any, Dict, List, Mapping
 
 import numpy as np
 import torch
@@ -39,6 +47,14 @@ META_KEY = "steerkernel.bank"
 HASH_KEY = "steerkernel.sha256"
 #: largest safetensors header we accept (the JSON part; names and metadata only)
 MAX_HEADER_BYTES = 64 << 20
+#: a ``.pt`` archive may hold at most this many members
+PT_MAX_MEMBERS = 100_000
+#: a ``.pt`` archive may expand to at most this many times its file size ...
+PT_MAX_EXPANSION = 8
+#: ... or to this many bytes, whichever is larger (small files)
+PT_MIN_UNCOMPRESSED_CAP = 64 << 20
+#: most tensors a vector file (GGUF or plain) may hold
+MAX_VECTOR_TENSORS = 100_000
 #: ``general.architecture`` of a GGUF control vector
 GGUF_ARCH = "controlvector"
 _LAYER_KEY = re.compile(r"^(?:.*\.)?(\d+)$")
@@ -74,8 +90,16 @@ def bank_header(fields: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 def bank_tensors(fields: Mapping[str, Any]) -> Dict[str, Tensor]:
-    """The tensors (:data:`TENSORS`) of a bank with constructor arguments ``fields``."""
-    return {k: fields[k].contiguous() for k in TENSORS}
+    """The tensors (:data:`TENSORS`) of a bank with constructor arguments ``fields``, each
+    contiguous and with its own memory (safetensors refuses tensors that share storage, e.g.
+    one NaN tensor passed as both statistics)."""
+    out, storages = {}, set()
+    for k in TENSORS:
+        t = fields[k].contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        out[k] = t.clone() if ptr in storages else t
+        storages.add(ptr)
+    return out
 
 
 def write_bank_file(path: PathLike, fields: Mapping[str, Any]) -> None:
@@ -208,14 +232,73 @@ def _fields(info, tensors: Mapping[str, Tensor], bad) -> Dict[str, Any]:
                 metadata=info["metadata"], fingerprint=info["fingerprint"])
 
 
+def _pt_uncompressed_bytes(path: str, bad) -> int:
+    """Total uncompressed size of the ``.pt`` (zip) archive ``path``, checked against the
+    caps from its central directory alone (nothing is decompressed)."""
+    size = os.stat(path).st_size
+    try:
+        with zipfile.ZipFile(path) as z:
+            members = z.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError, OSError) as e:
+        raise bad(f"not a zip-format torch file ({type(e).__name__}: {str(e)[:100]}); only "
+                  "zip-format torch.save files are read (with torch.load(weights_only=True)), "
+                  "not the legacy format: re-save it with a current torch") from None
+    if len(members) > PT_MAX_MEMBERS:
+        raise bad(f"the archive has {len(members)} members (limit {PT_MAX_MEMBERS})")
+    total = sum(m.file_size for m in members)
+    cap = max(PT_MIN_UNCOMPRESSED_CAP, PT_MAX_EXPANSION * size)
+    if total > cap:
+        raise bad(f"the archive expands to {total} bytes, more than the limit of {cap} "
+                  f"(max({PT_MIN_UNCOMPRESSED_CAP}, {PT_MAX_EXPANSION} x the {size}-byte file "
+                  "size))")
+    return total
+
+
+def load_torch_file(path: str, bad=None):
+    """``torch.load(path, weights_only=True)`` with every size bounded before it is allocated
+    (see the module docs).  Raises ``bad(message)`` (default: :class:`BankFormatError`
+    naming ``path``)."""
+    bad = bad or (lambda msg: BankFormatError(f"{path}: {msg}"))
+    stored = _pt_uncompressed_bytes(path, bad)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds on corrupt / unsafe files
+        raise bad(f"cannot read it with torch.load(weights_only=True) ({type(e).__name__}: "
+                  f"{str(e)[:200]})") from None
+    viewed = 0
+    for where, t in _tensors_in(obj):
+        if t.layout != torch.strided or t.device.type != "cpu" or not t.is_floating_point():
+            raise bad(f"tensor {where[:80]} is {t.layout} / {t.device} / {t.dtype}; only dense "
+                      "CPU float tensors are read")
+        viewed += t.numel() * t.element_size()
+        if viewed > stored:
+            raise bad(f"the tensors view {viewed}+ bytes but the archive stores {stored} "
+                      f"(expanded or overlapping views, at {where[:80]})")
+    return obj
+
+
+def _tensors_in(obj) -> List:
+    """``[(where, tensor)]`` of every tensor in nested dicts / lists / tuples: iterative (no
+    recursion limit) and visiting each container once (a pickle can share sub-objects, which
+    would make a naive walk exponential)."""
+    found, stack, seen = [], [("", obj)], set()
+    while stack:
+        where, o = stack.pop()
+        if isinstance(o, Tensor):
+            found.append((where or "<top>", o))
+        elif isinstance(o, (Mapping, list, tuple)) and id(o) not in seen:
+            seen.add(id(o))
+            items = o.items() if isinstance(o, Mapping) else enumerate(o)
+            where = where[:120]  # deep nesting must not grow the labels quadratically
+            stack.extend((f"{where}[{str(k)[:40]!r}]", v) for k, v in items)
+    return found
+
+
 def _read_pt(path: str) -> Dict[str, Any]:
     def bad(msg):
         return not_a_bank(path, msg)
 
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many kinds on corrupt / unsafe files
-        raise bad(f"cannot read it with torch.load(weights_only=True): {e}") from None
+    obj = load_torch_file(path, bad)
     if not isinstance(obj, dict) or "bank" not in obj or any(t not in obj for t in TENSORS):
         raise bad(f"a .pt bank is a dict of {list(TENSORS)} plus a 'bank' header dict; for "
                   "plain per-layer vectors use steerkernel.concepts.interop.import_vectors")
@@ -225,6 +308,24 @@ def _read_pt(path: str) -> Dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ GGUF vectors
+def _check_gguf_extents(path: str, tensors) -> None:
+    """Every tensor's bytes lie inside the file and no two overlap, so copying them all costs
+    at most the file size; at most :data:`MAX_VECTOR_TENSORS` tensors."""
+    if len(tensors) > MAX_VECTOR_TENSORS:
+        raise BankFormatError(f"{path}: {len(tensors)} tensors (limit {MAX_VECTOR_TENSORS})")
+    size = os.stat(path).st_size
+    spans = sorted((int(t.data_offset), int(t.n_bytes), t.name) for t in tensors)
+    end, prev = 0, None
+    for start, n, name in spans:
+        if start < 0 or n < 0 or start + n > size:
+            raise BankFormatError(f"{path}: tensor {name[:80]} claims bytes {start}..{start + n}"
+                                  f" of a {size}-byte file (truncated or corrupted)")
+        if start < end:
+            raise BankFormatError(f"{path}: tensors {prev[:80]} and {name[:80]} overlap (each "
+                                  "tensor needs its own bytes)")
+        end, prev = start + n, name
+
+
 def layer_of_key(key) -> int:
     """The decoder layer a vector file's key names: an int, or a name ending in ``.N``
     (``"12"``, ``"direction.12"``, ``"model.layers.12"``); below 10^9."""
@@ -251,29 +352,33 @@ def read_gguf_vectors(path: PathLike):
         arch = bytes(arch.parts[-1]).decode("utf-8", "replace") if arch else None
         hint = reader.get_field(f"{GGUF_ARCH}.model_hint")
         hint = bytes(hint.parts[-1]).decode("utf-8", "replace") if hint else None
-        tensors = [(t.name, t.tensor_type, np.array(t.data, copy=True)) for t in reader.tensors]
+        tensors = list(reader.tensors)  # views of a read-only memory map: nothing copied yet
     except Exception as e:  # gguf raises assorted errors on a damaged file
-        raise BankFormatError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") \
-            from None
+        raise BankFormatError(f"{path}: not a readable GGUF file ({type(e).__name__}: "
+                              f"{str(e)[:200]})") from None
     if arch != GGUF_ARCH:
-        raise BankFormatError(f"{path}: general.architecture is {arch!r}, not {GGUF_ARCH!r} "
-                              "(not a control vector)")
+        raise BankFormatError(f"{path}: general.architecture is {arch!r:.80}, not "
+                              f"{GGUF_ARCH!r} (not a control vector)")
+    _check_gguf_extents(path, tensors)
     vectors = {}
-    for name, ttype, data in tensors:
+    for t in tensors:
+        name = t.name
         if not name.startswith("direction."):
             continue
         layer = layer_of_key(name)
-        if ttype not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-            raise BankFormatError(f"{path}: tensor {name} has type {ttype.name}; only F32/F16 "
-                                  "control vectors are supported")
+        if t.tensor_type not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            raise BankFormatError(f"{path}: tensor {name[:80]} has type {t.tensor_type.name}; "
+                                  "only F32/F16 control vectors are supported")
         if layer in vectors:
-            raise BankFormatError(f"{path}: tensor {name} appears twice")
-        vectors[layer] = data.astype(np.float32).reshape(-1)
+            raise BankFormatError(f"{path}: tensor {name[:80]} appears twice")
+        vectors[layer] = np.array(t.data, dtype=np.float32).reshape(-1)
     if not vectors:
         raise BankFormatError(f"{path}: no direction.N tensors")
     return vectors, hint
 
 
 __all__ = ["FORMAT", "VERSION", "TENSORS", "META_KEY", "HASH_KEY", "MAX_HEADER_BYTES",
-           "GGUF_ARCH", "canonical_json", "digest", "not_a_bank", "bank_header", "bank_tensors",
-           "write_bank_file", "read_bank_file", "layer_of_key", "read_gguf_vectors"]
+           "GGUF_ARCH", "PT_MAX_MEMBERS", "PT_MAX_EXPANSION", "PT_MIN_UNCOMPRESSED_CAP",
+           "MAX_VECTOR_TENSORS", "canonical_json", "digest", "not_a_bank", "bank_header",
+           "bank_tensors", "write_bank_file", "read_bank_file", "load_torch_file", "layer_of_key",
+           "read_gguf_vectors"]

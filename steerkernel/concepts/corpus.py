@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..errors import SteerkernelError
+from ..fileio import jsonl_records, read_text_input
+from .bank import name_problem
 
 BUILTIN = "builtin"
 SERIES_KEYS = ("rising_danger",)
@@ -61,6 +63,9 @@ class Corpus:
         if not isinstance(self.texts, dict) or not self.texts:
             raise CorpusError(f"corpus {self.source}: no concepts")
         for name, texts in self.texts.items():
+            problem = name_problem(name)
+            if problem:  # the bank would refuse it after the whole extraction
+                raise CorpusError(f"corpus {self.source}: concept name {problem}")
             _check_texts(f"concept {name!r}", texts, self.source, allow_empty=False)
         _check_texts("neutral", self.neutral, self.source, allow_empty=True)
         for name, texts in self.negatives.items():
@@ -174,13 +179,7 @@ def corpus_from_jsonl(lines, source: str = "<memory>") -> Corpus:
     texts: Dict[str, List[str]] = {}
     negatives: Dict[str, List[str]] = {}
     neutral: List[str] = []
-    for no, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError as e:
-            raise CorpusError(f"corpus {source} line {no}: not valid JSON ({e})") from None
+    for no, rec in jsonl_records(lines, f"corpus {source}", CorpusError):
         if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
             raise CorpusError(f"corpus {source} line {no}: expected an object with a 'text' "
                               "string")
@@ -218,14 +217,15 @@ def load_corpus(spec: Optional[str] = None) -> Corpus:
     """``None`` / ``"builtin"``: the built-in corpus; otherwise a ``.json`` / ``.jsonl`` path."""
     if spec is None or spec == BUILTIN:
         return load_builtin()
-    if not os.path.isfile(spec):
+    if not os.path.lexists(spec):
         raise FileNotFoundError(f"corpus file {spec!r} does not exist (or use 'builtin')")
-    with open(spec, encoding="utf-8") as f:
-        if spec.endswith(".jsonl"):
-            return corpus_from_jsonl(f, spec)
-        try:
-            obj = json.load(f)
-        except ValueError as e:
-            raise CorpusError(f"corpus {spec}: not valid JSON ({e}); JSONL files must end "
-                              "in .jsonl") from None
+    text = read_text_input(spec, "corpus file")  # a regular file, at most 64 MiB
+    if spec.endswith(".jsonl"):
+        return corpus_from_jsonl(text.splitlines(), spec)
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise CorpusError(f"corpus {spec}: not valid JSON ({why}); JSONL files must end "
+                          "in .jsonl") from None
     return corpus_from_dict(obj, spec)

@@ -39,6 +39,7 @@ from ..fileio import atomic_write_bytes, check_regular_file, default_file_mode
 from ..introspect import text_config
 from .bank import ConceptBank
 from .bankfile import GGUF_ARCH as ARCH
+from .bankfile import MAX_VECTOR_TENSORS, load_torch_file
 from .bankfile import layer_of_key, read_gguf_vectors  # noqa: F401 (public here too)
 
 
@@ -134,28 +135,36 @@ def import_vectors(path: Union[str, os.PathLike], name: Optional[str] = None, *,
     check_regular_file(path, "vector file")
     name = name or os.path.splitext(os.path.basename(path))[0]
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
-        try:
-            obj = load_file(path)
+        try:  # safetensors checks that the tensors tile the file: copies cost its size
+            with safe_open(path, "pt") as f:
+                keys = list(f.keys())
+                if len(keys) > MAX_VECTOR_TENSORS:
+                    raise BankFormatError(f"{path}: {len(keys)} tensors (limit "
+                                          f"{MAX_VECTOR_TENSORS})")
+                obj = {k: f.get_tensor(k) for k in keys}
+        except BankFormatError:
+            raise
         except Exception as e:  # safetensors raises its own error types
-            raise BankFormatError(f"{path}: not a readable safetensors file ({e})") from None
+            raise BankFormatError(f"{path}: not a readable safetensors file "
+                                  f"({str(e)[:200]})") from None
     elif path.endswith((".pt", ".pth")):
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # unpickling errors of many kinds; nothing unsafe is run
-            raise BankFormatError(f"{path}: cannot read it with torch.load(weights_only=True) "
-                                  f"({type(e).__name__}: {e}); save a dict of tensors") from None
+        obj = load_torch_file(path)  # sizes bounded before torch.load allocates them
     else:
         raise BankFormatError(f"{path}: unsupported vector file type (use .gguf, .safetensors "
                               "or .pt)")
     if isinstance(obj, Tensor):
         if obj.dim() != 2:
             raise BankFormatError(f"{path}: a bare tensor must be [L, d], got {tuple(obj.shape)}")
+        if obj.shape[0] > MAX_VECTOR_TENSORS:
+            raise BankFormatError(f"{path}: {obj.shape[0]} layers (limit {MAX_VECTOR_TENSORS})")
         obj = {i: obj[i] for i in range(obj.shape[0])}
     if not isinstance(obj, Mapping):
         raise BankFormatError(f"{path}: expected a dict of layer -> vector, got "
                               f"{type(obj).__name__}")
+    if len(obj) > MAX_VECTOR_TENSORS:
+        raise BankFormatError(f"{path}: {len(obj)} vectors (limit {MAX_VECTOR_TENSORS})")
     vectors = {}
     for key, value in obj.items():
         if not isinstance(value, Tensor):

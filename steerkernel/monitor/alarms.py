@@ -6,6 +6,8 @@ A rule watches one concept at one layer, on z-scores (default) or raw projection
     "calm z < -1.5 for 4 release -0.5"      fire after 4 tokens below -1.5; re-arm only once
                                              the value is back at or above -0.5
     "afraid@20 > 3.0"                        raw projection at layer 20, one token suffices
+    "sad>2"                                  the compact form of gates works too (raw; the
+                                             ``z`` marker needs a space: "sad z>2")
 
 Semantics per (request, rule), token by token:
 ``run`` counts consecutive tokens meeting the condition; the alarm *fires* (one event) when
@@ -18,17 +20,80 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from ..errors import SpecError
+from ..limits import MAX_LAYER, NUMBER_RE as _NUM_RE, quote_input
 
-_RULE = re.compile(
-    r"^\s*(?P<concept>[A-Za-z_][\w\-]*)(?:@(?P<layer>\d+))?\s+"
-    r"(?:(?P<z>z)\s*)?(?P<op>[<>])\s*(?P<thr>[-+]?\d+(?:\.\d*)?(?:e[-+]?\d+)?)"
-    r"(?:\s+for\s+(?P<n>\d+))?(?:\s+release\s+(?P<rel>[-+]?\d+(?:\.\d*)?(?:e[-+]?\d+)?))?\s*$")
+#: characters of an alarm rule's string form
+MAX_RULE_CHARS = 1024
+_CONCEPT_RE = re.compile(r"[A-Za-z_][\w\-]*")
+_DIGITS_RE = re.compile(r"\d+")
+_WS_RE = re.compile(r"\s*")
+_SPACE_RE = re.compile(r"\s+")
+_COUNT_DIGITS = 7  # consecutive <= 1e6: a longer digit string is refused before int()
+_LAYER_DIGITS = len(str(MAX_LAYER - 1))
+
+
+def _scan_rule(text: str) -> Tuple[Optional[dict], int]:
+    """``(parts, pos)`` of ``concept[@layer] [z] >|< threshold [for N] [release R]``, or
+    None and the position where it stops parsing.  One left-to-right pass (each token regex
+    is matched once at a position, never backtracked into): linear time."""
+    pos = 0
+    g: Dict[str, Optional[str]] = dict.fromkeys(("concept", "layer", "z", "op", "thr", "n",
+                                                   "rel"))
+
+    def take(rx) -> Optional[str]:
+        nonlocal pos
+        m = rx.match(text, pos)
+        if m is None or not m.group():
+            return None
+        pos = m.end()
+        return m.group()
+
+    def ws() -> bool:
+        nonlocal pos
+        start, pos = pos, _WS_RE.match(text, pos).end()
+        return pos > start
+
+    ws()
+    g["concept"] = take(_CONCEPT_RE)
+    if g["concept"] is None:
+        return None, pos
+    if text.startswith("@", pos):
+        pos += 1
+        g["layer"] = take(_DIGITS_RE)
+        if g["layer"] is None:
+            return None, pos
+    spaced = ws()
+    if spaced and text.startswith("z", pos):  # "calm z > 2"; "calmz" is a concept name
+        pos += 1
+        g["z"] = "z"
+        ws()
+    if pos < len(text) and text[pos] in "<>":
+        g["op"] = text[pos]
+        pos += 1
+    else:
+        return None, pos
+    ws()
+    g["thr"] = take(_NUM_RE)
+    if g["thr"] is None:
+        return None, pos
+    for word, key, rx in (("for", "n", _DIGITS_RE), ("release", "rel", _NUM_RE)):
+        m = _SPACE_RE.match(text, pos)
+        if m is not None and text.startswith(word, m.end()):
+            after = _SPACE_RE.match(text, m.end() + len(word))
+            if after is None:
+                return None, m.end() + len(word)
+            pos = after.end()
+            g[key] = take(rx)
+            if g[key] is None:
+                return None, pos
+    ws()
+    return (g if pos == len(text) else None), pos
 
 
 @dataclass(frozen=True)
@@ -75,19 +140,30 @@ class AlarmRule:
 
     @classmethod
     def parse(cls, text: str) -> "AlarmRule":
-        """Parse ``"concept[@layer] [z] >|< threshold [for N] [release R]"``."""
+        """Parse ``"concept[@layer] [z] >|< threshold [for N] [release R]"``; the compact
+        form of gates works too (``calm>1``, ``calm@20<-0.5``; the ``z`` marker needs a space
+        before it: ``calmz>1`` is a raw rule on a concept named ``calmz``).  Linear time."""
         if not isinstance(text, str):
             raise SpecError(f"alarm rule must be a string, got {type(text).__name__}")
-        m = _RULE.match(text)
-        if not m:
-            raise SpecError(f"cannot parse alarm rule {text!r}; expected e.g. "
-                            "'desperate z > 2 for 8' or 'calm < -1.5 for 4 release -0.5'")
-        rel = m.group("rel")
-        return cls(concept=m.group("concept"), threshold=float(m.group("thr")),
-                   above=m.group("op") == ">", zscore=m.group("z") is not None,
-                   consecutive=int(m.group("n") or 1),
+        if len(text) > MAX_RULE_CHARS:
+            raise SpecError(f"alarm rule is {len(text)} characters long "
+                            f"(limit {MAX_RULE_CHARS})")
+        g, pos = _scan_rule(text)
+        if g is None:
+            raise SpecError(f"cannot parse alarm rule {quote_input(text)} at character "
+                            f"{pos + 1}; expected e.g. 'desperate z > 2 for 8', "
+                            "'calm < -1.5 for 4 release -0.5' or 'sad>2'")
+        if g["layer"] is not None and len(g["layer"].lstrip("0")) > _LAYER_DIGITS:
+            raise SpecError(f"alarm rule layer {quote_input(g['layer'])} is out of bounds "
+                            f"[0, {MAX_LAYER})")
+        if g["n"] is not None and len(g["n"].lstrip("0")) > _COUNT_DIGITS:
+            raise SpecError(f"alarm rule count {quote_input(g['n'])} must be in [1, 1e6]")
+        rel = g["rel"]
+        return cls(concept=g["concept"], threshold=float(g["thr"]),
+                   above=g["op"] == ">", zscore=g["z"] is not None,
+                   consecutive=int(g["n"] or 1),
                    release=float(rel) if rel is not None else None,
-                   layer=int(m.group("layer")) if m.group("layer") else None)
+                   layer=int(g["layer"]) if g["layer"] is not None else None)
 
 
 class AlarmState:

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ..errors import SpecError, UnknownConceptError
+from ..limits import quote_input
 from .alarms import AlarmRule, AlarmState, parse_rules
 
 
@@ -152,8 +153,8 @@ class MonitorEngine:
         self._rule_concept = []
         for r in self.rules:
             if r.concept not in self.names:
-                raise UnknownConceptError(f"alarm rule concept {r.concept!r} is not monitored; "
-                                          f"known: {', '.join(self.names)}")
+                raise UnknownConceptError(f"alarm rule concept {quote_input(r.concept)} is not "
+                                          f"monitored; known: {', '.join(self.names)}")
             layer = r.layer if r.layer is not None else self.layers[len(self.layers) // 2]
             if layer not in self.layers:
                 raise SpecError(f"alarm rule layer {layer} is not monitored "
@@ -366,7 +367,7 @@ class MonitorEngine:
         """The request's report so far (drains finished copies first)."""
         self.poll(wait=True)
         if request_id not in self._slots:
-            raise KeyError(f"request {request_id!r} is not monitored")
+            raise KeyError(f"request {quote_input(request_id)} is not monitored")
         s = self._slots[request_id]
         n = int(self.count[s])
         tr = self._traces[request_id]

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
-from typing import Optional
+from typing import Dict, Optional, Tuple
+
+log = logging.getLogger("steerkernel.monitor")
 
 
 class JSONLSink:
@@ -41,6 +44,60 @@ class JSONLSink:
         self._f.close()
 
 
+#: metrics already registered, per registry (``id(registry)`` -> (registry, metrics)): a
+#: second sink on the same registry (the process-wide default one included) reuses them
+#: instead of failing with prometheus_client's "Duplicated timeseries"
+_METRICS: Dict[int, Tuple[object, dict]] = {}
+#: ports this process serves metrics on, per (addr, port) -> registry served there
+_SERVING: Dict[Tuple[str, int], object] = {}
+_PROM_LOCK = threading.Lock()
+
+
+def _metrics(pc, registry) -> dict:
+    reg = registry if registry is not None else pc.REGISTRY
+    with _PROM_LOCK:
+        got = _METRICS.get(id(reg))
+        if got is not None and got[0] is reg:
+            return got[1]
+        kw = {"registry": reg}
+        metrics = {
+            "alarms": pc.Counter("steerkernel_alarms_total", "alarms fired",
+                                 ["rule", "concept"], **kw),
+            "requests": pc.Counter("steerkernel_requests_total", "requests monitored", **kw),
+            "tokens": pc.Counter("steerkernel_request_tokens_total", "tokens monitored", **kw),
+            "dropped": pc.Counter("steerkernel_dropped_tokens_total",
+                                  "monitor samples dropped under overload", **kw),
+            "concept_mean": pc.Gauge("steerkernel_concept_mean",
+                                     "mean projection of the last finished request",
+                                     ["concept"], **kw),
+        }
+        _METRICS[id(reg)] = (reg, metrics)
+        return metrics
+
+
+def _serve(pc, registry, port: int, addr: str) -> Optional[int]:
+    """Serve ``registry`` on ``addr:port`` once per process; the port actually served, or
+    None (logged once) when it is taken: metrics are never a reason to stop an engine."""
+    reg = registry if registry is not None else pc.REGISTRY
+    with _PROM_LOCK:
+        if (addr, port) in _SERVING:
+            have = _SERVING[(addr, port)]
+            if have is None or have is reg:  # taken (already logged) / already served
+                return None if have is None else port
+            log.warning("steerkernel: Prometheus port %s:%d already serves another registry "
+                        "in this process; these metrics are not exported there", addr, port)
+            return None
+        try:
+            pc.start_http_server(port, addr=addr, registry=reg)
+        except OSError as e:
+            _SERVING[(addr, port)] = None  # warn once, not per sink / engine restart
+            log.warning("steerkernel: cannot serve Prometheus metrics on %s:%d (%s); the "
+                        "engine runs on without the metrics endpoint", addr, port, e)
+            return None
+        _SERVING[(addr, port)] = reg
+        return port
+
+
 class PrometheusSink:
     """Prometheus metrics (needs ``prometheus_client``).
 
@@ -48,27 +105,24 @@ class PrometheusSink:
     ``steerkernel_request_tokens_total``, ``steerkernel_dropped_tokens_total`` and
     ``steerkernel_concept_mean{concept}`` (mean projection of the last finished request at
     ``layer``).  Pass ``registry`` to keep metrics out of the global registry (tests).
+
+    Several sinks in one process share the metrics of a registry (counts add up).  ``port``:
+    serve the registry on ``127.0.0.1:port``; a port already in use is logged once and
+    skipped (``self.port`` is then None), it never stops the caller.
     """
 
-    def __init__(self, registry=None, layer: Optional[int] = None, port: Optional[int] = None):
+    def __init__(self, registry=None, layer: Optional[int] = None, port: Optional[int] = None,
+                 addr: str = "127.0.0.1"):
         try:
             import prometheus_client as pc
         except ImportError as e:  # pragma: no cover - depends on the environment
             raise ImportError("PrometheusSink needs prometheus_client: "
                               "pip install prometheus_client") from e
-        kw = {"registry": registry} if registry is not None else {}
         self.layer = layer
-        self.alarms = pc.Counter("steerkernel_alarms_total", "alarms fired",
-                                 ["rule", "concept"], **kw)
-        self.requests = pc.Counter("steerkernel_requests_total", "requests monitored", **kw)
-        self.tokens = pc.Counter("steerkernel_request_tokens_total", "tokens monitored", **kw)
-        self.dropped = pc.Counter("steerkernel_dropped_tokens_total",
-                                  "monitor samples dropped under overload", **kw)
-        self.concept_mean = pc.Gauge("steerkernel_concept_mean",
-                                     "mean projection of the last finished request",
-                                     ["concept"], **kw)
-        if port is not None:
-            pc.start_http_server(port, addr="127.0.0.1", **kw)
+        m = _metrics(pc, registry)
+        self.alarms, self.requests, self.tokens = m["alarms"], m["requests"], m["tokens"]
+        self.dropped, self.concept_mean = m["dropped"], m["concept_mean"]
+        self.port = _serve(pc, registry, port, addr) if port is not None else None
 
     def alarm(self, event) -> None:
         self.alarms.labels(rule=event.rule, concept=event.concept).inc()

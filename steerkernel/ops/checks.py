@@ -21,6 +21,9 @@ from torch import Tensor
 from .args import ARGS, TENSOR_NAMES, WRITTEN, JunctionArgs
 
 MODEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: eps is added in float32 by the kernels: a nonzero eps must survive that conversion
+FLOAT32_TRUE_MIN = 2.0 ** -149  # smallest positive (subnormal) float32, about 1.4e-45
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 class Dims(NamedTuple):
@@ -174,6 +177,11 @@ def _check_structure(a: JunctionArgs, dtypes, complete: bool) -> Dims:
     eps = a.eps
     if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
         fail(f"eps must be a finite float >= 0, got {eps!r}")
+    if eps > FLOAT32_MAX or 0 < eps < FLOAT32_TRUE_MIN:
+        # the kernels add eps in float32: 1e-46 would become 0 there (an all-zero row gives
+        # NaN where the float64 reference gives 0), 1e39 would become inf
+        fail(f"eps must be 0 or within float32's range [{FLOAT32_TRUE_MIN:.4g}, "
+             f"{FLOAT32_MAX:.4g}], got {eps!r}")
 
     if a.scores is not None:
         if a.V is None:

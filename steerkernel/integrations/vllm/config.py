@@ -19,11 +19,13 @@ from __future__ import annotations
 import math
 import os
 import re
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ...errors import BankMismatchError, SpecError
+from ...steering import MAX_ENTRIES, MAX_PROGRAM_CHARS, quote_input
 
 #: key of the plugin's section in vLLM's ``additional_config``
 CONFIG_KEY = "steerkernel"
@@ -32,7 +34,6 @@ EXTRA_PROGRAM = "steerkernel"
 EXTRA_ID = "steerkernel_id"
 EXTRA_MONITOR = "steerkernel_monitor"
 EXTRA_KEYS = (EXTRA_PROGRAM, EXTRA_ID, EXTRA_MONITOR)
-MAX_PROGRAM_CHARS = 16384
 MAX_ID_CHARS = 256
 
 
@@ -166,6 +167,7 @@ def load_bank(path: str):
 
 _COMPILED: "OrderedDict[Tuple[int, str], Any]" = OrderedDict()
 _COMPILED_MAX = 4096
+_COMPILED_LOCK = threading.Lock()
 
 
 def compile_cached(text: str, bank):
@@ -175,15 +177,32 @@ def compile_cached(text: str, bank):
     from ...steering import compile_program
 
     key = (id(bank), text)
-    hit = _COMPILED.get(key)
-    if hit is not None and hit[0] is bank:
-        _COMPILED.move_to_end(key)
-        return hit[1]
+    with _COMPILED_LOCK:  # the API server compiles in threads (patches._wrap_async_add_request)
+        hit = _COMPILED.get(key)
+        if hit is not None and hit[0] is bank:
+            _COMPILED.move_to_end(key)
+            return hit[1]
     compiled = compile_program(text, bank)
-    _COMPILED[key] = (bank, compiled)
-    if len(_COMPILED) > _COMPILED_MAX:
-        _COMPILED.popitem(last=False)
+    with _COMPILED_LOCK:
+        _COMPILED[key] = (bank, compiled)
+        if len(_COMPILED) > _COMPILED_MAX:
+            _COMPILED.popitem(last=False)
     return compiled
+
+
+def slot_count(cfg: PluginConfig, max_num_seqs: int) -> int:
+    """Rows of a worker's slot tables (row 0 is the identity, so ``slot_count - 1`` programs
+    can be held at once): ``max_slots``, default ``2 * max_num_seqs + 1``."""
+    return int(cfg.max_slots or 2 * int(max_num_seqs) + 1)
+
+
+def slots_needed(compiled) -> int:
+    """Slots a request with this compiled program holds while it runs: 0 (it steers
+    nothing), 1, or 2 (its prompt and generated tables differ)."""
+    need = [ph for ph in ("prompt", "generated") if not compiled.identity[ph]]
+    if not need:
+        return 0
+    return 1 if not compiled.phase_dependent or len(need) == 1 else 2
 
 
 def check_bank_fits(bank, hf_config, check_fingerprint: bool = True,
@@ -231,46 +250,61 @@ class RequestArgs:
 
 def program_text(program) -> Optional[str]:
     """A program given as a string, a list of entry strings / Steer objects / dicts, a Steer, a
-    Program or None -> its string form (None when empty).  Raises :class:`SpecError`."""
+    Program or None -> its string form (None when empty).  Raises :class:`SpecError`.
+
+    The bounds of :mod:`steerkernel.steering` hold whatever the form, checked before the work
+    they bound: at most ``MAX_ENTRIES`` list items / entries, ``MAX_PROGRAM_CHARS`` characters
+    of input text and of the canonical string form."""
     from ...steering import Program, Steer, Gate
 
     if program is None:
         return None
     if isinstance(program, str):
-        if len(program) > MAX_PROGRAM_CHARS:
-            raise SpecError(f"steering program is {len(program)} characters long "
-                            f"(limit {MAX_PROGRAM_CHARS})")
-        Program.parse(program)  # syntax check, raises SpecError
+        Program.parse(program)  # length, entries, layers and syntax, raises SpecError
         return program if program.strip() else None
     if isinstance(program, Mapping):
         program = [program]
     if isinstance(program, (Program, Steer)):
         prog = Program.coerce(program)
     elif isinstance(program, (list, tuple)):
+        if len(program) > MAX_ENTRIES:  # before looking at any item
+            raise SpecError(f"steering program has {len(program)} entries "
+                            f"(limit {MAX_ENTRIES})")
         steers: List[Steer] = []
+        chars = 0
         for item in program:
             if isinstance(item, Steer):
                 steers.append(item)
             elif isinstance(item, str):
+                chars += len(item)
+                if chars > MAX_PROGRAM_CHARS:
+                    raise SpecError(f"steering program entries hold more than "
+                                    f"{MAX_PROGRAM_CHARS} characters")
                 steers.extend(Program.parse(item).steers)
             elif isinstance(item, Mapping):
                 d = dict(item)
                 gate = d.pop("gate", None)
-                if isinstance(gate, Mapping):
-                    gate = Gate(**gate)
                 try:
+                    if isinstance(gate, Mapping):
+                        gate = Gate(**gate)
                     steers.append(Steer(**d, gate=gate))
                 except TypeError as e:
-                    raise SpecError(f"bad steering entry {item!r}: {e}") from e
+                    raise SpecError(f"bad steering entry {quote_input(item)}: "
+                                    f"{quote_input(str(e))}") from e
             else:
                 raise SpecError(f"a steering program entry must be a string, a dict or a "
                                 f"Steer, got {type(item).__name__}")
+            if len(steers) > MAX_ENTRIES:
+                raise SpecError(f"steering program has more than {MAX_ENTRIES} entries")
         prog = Program(tuple(steers))
     else:
         raise SpecError(f"cannot make a steering program from {type(program).__name__}")
     if not len(prog):
         return None
     text = str(prog)
+    if len(text) > MAX_PROGRAM_CHARS:
+        raise SpecError(f"steering program is {len(text)} characters long in its string form "
+                        f"(limit {MAX_PROGRAM_CHARS})")
     Program.parse(text)  # the string form round-trips
     return text
 
@@ -289,7 +323,8 @@ def request_args(extra_args: Optional[Mapping]) -> RequestArgs:
         return RequestArgs()
     unknown = sorted(set(keys) - set(EXTRA_KEYS))
     if unknown:
-        raise SpecError(f"unknown steerkernel request keys {unknown}; known: {list(EXTRA_KEYS)}")
+        raise SpecError(f"unknown steerkernel request keys {quote_input(unknown)}; known: "
+                        f"{list(EXTRA_KEYS)}")
     text = program_text(extra_args.get(EXTRA_PROGRAM))
     tag = extra_args.get(EXTRA_ID)
     if tag is not None:
@@ -300,7 +335,7 @@ def request_args(extra_args: Optional[Mapping]) -> RequestArgs:
             raise SpecError(f"{EXTRA_ID} must be 1-{MAX_ID_CHARS} printable characters")
     mon = extra_args.get(EXTRA_MONITOR, True)
     if not isinstance(mon, bool):
-        raise SpecError(f"{EXTRA_MONITOR} must be true or false, got {mon!r}")
+        raise SpecError(f"{EXTRA_MONITOR} must be true or false, got {quote_input(mon)}")
     return RequestArgs(text, tag, mon, True)
 
 
@@ -337,7 +372,7 @@ def check_programs(programs: Sequence, n: int) -> List:
 
 
 __all__ = ["PluginConfig", "parse_config", "config_from_vllm", "load_bank", "check_bank_fits",
-           "compile_cached",
+           "compile_cached", "slot_count", "slots_needed",
            "RequestArgs", "request_args", "program_text", "external_id", "CONFIG_KEY",
            "EXTRA_PROGRAM", "EXTRA_ID", "EXTRA_MONITOR", "canonical_program"]
 

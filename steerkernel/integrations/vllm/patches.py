@@ -10,6 +10,9 @@ which documented interface would replace it), with the wrapper of each row's ``k
 * ``input_processing`` (front end): a request's steerkernel ``extra_args`` are checked against
   the engine's bank before admission, so a bad one fails alone with a ``VLLMValidationError``
   (HTTP 400 on the server); a steered request's prefix-cache salt is set to its program;
+* ``async_admission`` (``AsyncLLM``, the API server): the same check runs in a thread, off the
+  event loop, and a :class:`SlotLedger` refuses a steered request the workers' slot tables
+  could not hold (HTTP 429 now, HTTP 400 never fits) instead of serving it unsteered;
 * ``worker_load``: after the model is loaded, a :class:`WorkerState` is built when the engine
   has a ``steerkernel`` config; ``Worker.steerkernel_rpc`` serves
   ``collective_rpc("steerkernel_rpc", args=(op, ...))``;
@@ -24,11 +27,13 @@ import.
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import logging
 import os
-from typing import Callable, Dict, List, Optional
+import threading
+from typing import Callable, Dict, List, Optional, Tuple
 
 from . import touchpoints
 
@@ -56,7 +61,11 @@ def _wrap(owner, name: str, make: Callable) -> None:
 
 # ------------------------------------------------------------------------------ front end
 def _frontend_check(vllm_config, params):
-    """Validate a request's steerkernel arguments; return its canonical program (or None)."""
+    """Validate a request's steerkernel arguments; return its compiled program (or None).
+
+    Bounded by the caps of :mod:`steerkernel.steering` but it can still take milliseconds
+    (a 16 KB program, a big bank): the async path runs it in a thread
+    (:func:`_wrap_async_add_request`), never on the server's event loop."""
     from vllm.exceptions import VLLMValidationError
 
     from .config import compile_cached, config_from_vllm, load_bank, request_args
@@ -72,12 +81,21 @@ def _frontend_check(vllm_config, params):
                              "additional_config={'steerkernel': {'bank': PATH}})")
         if args.program is None:
             return None
-        compiled = compile_cached(args.program, load_bank(cfg.bank))
-        return str(compiled.program)
+        return compile_cached(args.program, load_bank(cfg.bank))
     except VLLMValidationError:
         raise
     except Exception as e:  # noqa: BLE001 - every failure is this request's bad argument
         raise VLLMValidationError(f"steerkernel: {e}", parameter="extra_args") from e
+
+
+def _wants_check(params) -> bool:
+    return bool(getattr(params, "extra_args", None)) and \
+        os.environ.get(FRONTEND_CHECK_ENV, "1") != "0"
+
+
+#: ``id(params)`` -> ``(params, compiled)`` checked by the async path (in a thread) for the
+#: ``process_inputs`` call of the same request, which then does not check it again
+_PRECHECKED: Dict[int, Tuple[object, object]] = {}
 
 
 def salt_request(request, program: str) -> None:
@@ -90,15 +108,107 @@ def salt_request(request, program: str) -> None:
 
 def _wrap_process_inputs(orig):
     def process_inputs(self, request_id, prompt, params, *args, **kwargs):
-        program = None
-        if getattr(params, "extra_args", None) and \
-                os.environ.get(FRONTEND_CHECK_ENV, "1") != "0":
-            program = _frontend_check(self.vllm_config, params)
+        compiled = None
+        if _wants_check(params):
+            got = _PRECHECKED.get(id(params))
+            if got is not None and got[0] is params:
+                compiled = got[1]
+            else:
+                compiled = _frontend_check(self.vllm_config, params)
         request = orig(self, request_id, prompt, params, *args, **kwargs)
-        if program is not None and getattr(self.cache_config, "enable_prefix_caching", False):
-            salt_request(request, program)
+        if compiled is not None and getattr(self.cache_config, "enable_prefix_caching", False):
+            salt_request(request, str(compiled.program))
         return request
     return process_inputs
+
+
+class SlotLedger:
+    """The steering slots one ``AsyncLLM``'s in-flight steered requests hold (front end).
+
+    A steered request holds its slots (:func:`~.config.slots_needed`, × ``n`` for parallel
+    samples) from admission until it leaves the output processor (finished or aborted), so
+    the workers' slot tables (``capacity = slot_count - 1``) can never run out behind the
+    server: a request that would not fit now is refused with HTTP 429, one that can never fit
+    with HTTP 400 (docs/vllm.md, "Steering slots")."""
+
+    def __init__(self, capacity: int):
+        self.capacity = int(capacity)
+        self.held: Dict[object, int] = {}  # vLLM request id (or a pending token) -> slots
+        self._lock = threading.Lock()
+
+    def reserve(self, need: int, alive: Callable[[str], bool]) -> object:
+        """Reserve ``need`` slots; a token for :meth:`bind` / :meth:`cancel`."""
+        from http import HTTPStatus
+
+        from vllm.exceptions import GracefulHTTPError, VLLMValidationError
+
+        with self._lock:
+            for key in [k for k in self.held if isinstance(k, str) and not alive(k)]:
+                del self.held[key]
+            if need > self.capacity:
+                raise VLLMValidationError(
+                    f"steerkernel: this request needs {need} steering slots but the engine has "
+                    f"{self.capacity} (raise the plugin's max_slots, or lower n)",
+                    parameter="extra_args")
+            used = sum(self.held.values())
+            if used + need > self.capacity:
+                raise GracefulHTTPError(
+                    f"steerkernel: no free steering slot ({used} of {self.capacity} held by "
+                    "in-flight steered requests); retry later, or raise the plugin's max_slots",
+                    HTTPStatus.TOO_MANY_REQUESTS)
+            token = object()
+            self.held[token] = need
+            return token
+
+    def bind(self, token: object, request_id: str) -> None:
+        with self._lock:
+            self.held[request_id] = self.held.pop(token)
+
+    def cancel(self, token: object) -> None:
+        with self._lock:
+            self.held.pop(token, None)
+
+
+def _ledger(engine) -> SlotLedger:
+    from .config import config_from_vllm, slot_count
+
+    led = engine.__dict__.get("_steerkernel_ledger")
+    if led is None:
+        cfg = config_from_vllm(engine.vllm_config)
+        led = SlotLedger(slot_count(cfg, engine.vllm_config.scheduler_config.max_num_seqs) - 1)
+        engine._steerkernel_ledger = led
+    return led
+
+
+def _wrap_async_add_request(orig):
+    async def add_request(self, request_id, prompt, params, *args, **kwargs):
+        if not _wants_check(params):
+            return await orig(self, request_id, prompt, params, *args, **kwargs)
+        from .config import slots_needed
+
+        # off the event loop: one request's validation never stalls the others
+        compiled = await asyncio.to_thread(_frontend_check, self.vllm_config, params)
+        need = slots_needed(compiled) * max(1, int(getattr(params, "n", 1) or 1)) \
+            if compiled is not None else 0
+        ledger = token = None
+        if need:
+            out = self.output_processor
+            ledger = _ledger(self)
+            token = ledger.reserve(need, lambda rid: rid in out.request_states
+                                   or rid in out.parent_requests)
+        _PRECHECKED[id(params)] = (params, compiled)
+        try:
+            queue = await orig(self, request_id, prompt, params, *args, **kwargs)
+        except BaseException:
+            if token is not None:
+                ledger.cancel(token)
+            raise
+        finally:
+            _PRECHECKED.pop(id(params), None)
+        if token is not None:
+            ledger.bind(token, getattr(queue, "request_id", None) or request_id)
+        return queue
+    return add_request
 
 
 # ------------------------------------------------------------------------------ workers
@@ -198,6 +308,7 @@ def _wrap_prepare_inputs_v2(orig):
 #: touch-point kind (:mod:`.touchpoints`) -> the wrapper factory that goes there
 WRAPPERS: Dict[str, Callable] = {
     "input_processing": _wrap_process_inputs,
+    "async_admission": _wrap_async_add_request,
     "worker_load": _wrap_load_model,
     "execute_v1": lambda f: _make_execute(f, False),
     "batch_layout_v1": _wrap_prepare_inputs_v1,

@@ -61,6 +61,15 @@ TOUCH_POINTS: Dict[str, Tuple[TouchPoint, ...]] = {
                         "logits-processor classes in 0.32); the cache salt: none (clients may "
                         "set cache_salt themselves)"),
         TouchPoint(
+            "async_admission", "vllm.v1.engine.async_llm", "AsyncLLM", "add_request",
+            patches="API server / AsyncLLM: runs the input_processing check in a thread "
+                    "(asyncio.to_thread) and reserves the request's steering slots, refusing "
+                    "it with HTTP 429 (none free now) or 400 (never fits) instead of letting "
+                    "the worker run it unsteered; process_inputs then reuses that check",
+            why="validation of a long program must not block the server's event loop; the "
+                "slot count is per engine and only the front end can still refuse a request",
+            replacement="none (no documented async admission hook)"),
+        TouchPoint(
             "worker_load", "vllm.v1.worker.gpu_worker", "Worker", "load_model",
             patches="worker: after the model is loaded, builds the WorkerState (bank, slot "
                     "tables, monitor) and gives the RMSNorm instances their junction sites; "

@@ -43,7 +43,7 @@ from ...ops import MODEL_DTYPES
 from ...steering import CompiledProgram, SlotTables
 from ..site import JunctionSite, Scratch, Steering
 from .config import (PluginConfig, RequestArgs, check_bank_fits, compile_cached, external_id,
-                     load_bank, request_args)
+                     load_bank, request_args, slot_count, slots_needed)
 from .norm import site_modules
 
 log = logging.getLogger("steerkernel.vllm")
@@ -156,7 +156,7 @@ class WorkerState:
         self.op = backends.op_for(self.backend)
         self.V = [bank.directions[i].detach().to(self.device, torch.float32).contiguous()
                   for i in range(L)]
-        P = cfg.max_slots or 2 * self.max_num_seqs + 1
+        P = slot_count(cfg, self.max_num_seqs)
         self.P = P
         self.tables = SlotTables(L, P, K, self.device)
         self.slot_buf = torch.zeros(self.T_max, dtype=torch.int32, device=self.device)
@@ -305,23 +305,25 @@ class WorkerState:
 
     def _assign(self, r: _Request) -> None:
         c = r.compiled
-        need = [ph for ph in ("prompt", "generated") if not c.identity[ph]]
-        if not need:
+        n = slots_needed(c)
+        if not n:
             return
-        shared = not c.phase_dependent or len(need) == 1
-        slots = [self._alloc() for _ in range(1 if shared else 2)]
+        shared = n == 1
+        slots = [self._alloc() for _ in range(n)]
         if not all(slots):
+            # behind the API server this cannot happen: AsyncLLM admission (.patches) refuses
+            # a steered request with HTTP 429 unless every in-flight one can hold its slots
             for s in slots:
                 if s:
                     self._free.append(s)
             self.stats["slot_exhausted"] += 1
-            r.error = (f"no free steering slot ({self.P - 1} in use; raise the plugin's "
-                       "max_slots): request ran unsteered")
+            r.error = (f"no free steering slot (all {self.P - 1} in use; raise the plugin's "
+                       "max_slots): this request ran UNSTEERED")
             log.error("steerkernel: request %s: %s", r.rid, r.error)
             return
         r.owned = slots
         if shared:
-            ph = need[0]
+            ph = "prompt" if not c.identity["prompt"] else "generated"
             self.tables.assign(slots[0], c, ph)
             r.slot_prompt = slots[0] if not c.identity["prompt"] else 0
             r.slot_gen = slots[0] if not c.identity["generated"] else 0
