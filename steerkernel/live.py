@@ -170,6 +170,10 @@ class _Detok:
         return piece
 
 
+#: bounds of temperature (besides 0) and repetition_penalty
+SAMPLING_MIN, SAMPLING_MAX = 1e-6, 1e6
+
+
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int,
                    repetition_penalty: float) -> None:
     """Raise :class:`SpecError` on sampling arguments out of range."""
@@ -177,15 +181,18 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int,
             or not 1 <= max_new_tokens <= 100_000:
         raise SpecError(f"max_new_tokens must be an integer in [1, 100000], got "
                         f"{max_new_tokens!r}")
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
-            or temperature < 0:
-        raise SpecError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    # logits / temperature and logits * penalty must stay finite in fp32: 0 (greedy) or
+    # [1e-6, 1e6] for both (the CLI's bounds)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not (temperature == 0 or SAMPLING_MIN <= temperature <= SAMPLING_MAX):
+        raise SpecError(f"temperature must be 0 (greedy) or in [{SAMPLING_MIN:g}, "
+                        f"{SAMPLING_MAX:g}], got {temperature!r}")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise SpecError(f"top_k must be an integer >= 0, got {top_k!r}")
-    if not isinstance(repetition_penalty, (int, float)) or not math.isfinite(
-            repetition_penalty) or repetition_penalty <= 0:
-        raise SpecError(f"repetition_penalty must be a finite number > 0, got "
-                        f"{repetition_penalty!r}")
+    if isinstance(repetition_penalty, bool) or not isinstance(repetition_penalty, (int, float)) \
+            or not SAMPLING_MIN <= repetition_penalty <= SAMPLING_MAX:
+        raise SpecError(f"repetition_penalty must be in [{SAMPLING_MIN:g}, {SAMPLING_MAX:g}], "
+                        f"got {repetition_penalty!r}")
 
 
 def _sample(logits: Tensor, history: List[List[int]], temperature: float, top_k: int,

@@ -407,6 +407,26 @@ def test_absurd_sampling_values(capsys, opt, value):
     assert opt in line
 
 
+@pytest.mark.parametrize("kw", [dict(temperature=1e-300), dict(temperature=1e300),
+                                dict(temperature=float("nan")), dict(temperature=True),
+                                dict(repetition_penalty=1e-300), dict(repetition_penalty=0)])
+def test_absurd_sampling_values_in_the_python_api(kw):
+    from steerkernel.errors import SpecError
+    from steerkernel.live import check_sampling
+
+    args = {**dict(max_new_tokens=4, temperature=0, top_k=0, repetition_penalty=1.0), **kw}
+    with pytest.raises(SpecError, match=next(iter(kw))):
+        check_sampling(**args)
+    check_sampling(max_new_tokens=4, temperature=0.7, top_k=5, repetition_penalty=1.1)
+
+
+def test_generated_text_is_escaped_but_keeps_newlines():
+    from steerkernel.cli._common import printable_text
+
+    assert printable_text("a\nb\tc") == "a\nb\tc"
+    assert printable_text("x\x1b]0;pwned\x07y\u202e") == "x\\x1b]0;pwned\\x07y\\u202e"
+
+
 def test_full_disk_for_the_jsonl_log(tiny_model_dir, small_bank, capsys, alarm):  # noqa: F811
     if not os.path.exists("/dev/full"):
         pytest.skip("no /dev/full")

@@ -67,6 +67,15 @@ def printable(text, limit: Optional[int] = None) -> str:
     return text + (" ..." if cut else "")
 
 
+def printable_text(text: str) -> str:
+    """Generated text safe for a terminal: as :func:`printable`, but newlines and tabs kept
+    (model output is free text; escape sequences in it must not reach the terminal)."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch in "\n\t" or ch.isprintable()
+                   else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
 def add_model_options(p) -> None:
     g = p.add_argument_group("model and bank")
     g.add_argument("--model", default=None, help=MODEL_HELP)

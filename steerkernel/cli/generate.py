@@ -13,7 +13,7 @@ import sys
 
 from ._common import (add_generation_options, add_model_options, add_monitor_options,
                       add_prompt_options, check_args, num, prepare_generation, printable,
-                      summary_dict, token_json)
+                      printable_text, summary_dict, token_json)
 
 
 def add_arguments(p) -> None:
@@ -46,7 +46,7 @@ def run(args) -> int:
         if args.json:
             out.write(token_json(rec, names, li, args.top, layer) + "\n")
         elif stream:
-            out.write(rec.text)
+            out.write(printable_text(rec.text))
         else:
             return
         out.flush()
@@ -84,9 +84,9 @@ def run(args) -> int:
     if stream:
         out.write("\n")
     else:
-        out.write("--- unsteered ---\n" + gens[0].text.strip() + "\n")
+        out.write("--- unsteered ---\n" + printable_text(gens[0].text.strip()) + "\n")
         out.write(f"--- steered ({printable(parsed['program'])}) ---\n"
-                  + gens[1].text.strip() + "\n")
+                  + printable_text(gens[1].text.strip()) + "\n")
         if change:
             out.write(f"--- largest changes in mean z (re-read unsteered, layer {layer}) ---\n")
             for n, v in change.items():

@@ -13,8 +13,8 @@ import os
 import sys
 
 from ._common import (add_generation_options, add_model_options, add_monitor_options,
-                      add_prompt_options, prepare_generation, printable, summary_dict,
-                      token_json)
+                      add_prompt_options, prepare_generation, printable, printable_text,
+                      summary_dict, token_json)
 
 
 def add_arguments(p) -> None:
@@ -85,5 +85,5 @@ def run(args) -> int:
             f"{printable(n)} {v:+.2f}" for n, v in summary["top_mean"]) + "\n")
     if parsed["rules"]:
         out.write(f"alarms fired: {len(gen.alarms)}\n")
-    out.write("text: " + gen.text.strip() + "\n")
+    out.write("text: " + printable_text(gen.text.strip()) + "\n")
     return 0
