@@ -363,9 +363,15 @@ def test_config_and_request_args_parsing(tmp_path):
     assert a.program and a.tag == "r1" and a.monitor and a.given
     assert not skcfg.request_args({"unrelated": 1}).given
     for bad in ({"steerkernel": "happy=+"}, {"steerkernel": 3}, {"steerkernel_idd": "x"},
-                {"steerkernel_id": ""}, {"steerkernel_monitor": 1}):
+                {"steerkernel_id": ""}, {"steerkernel_monitor": 2},
+                {"steerkernel_monitor": "yes"}, {"steerkernel_monitor": 0.5}):
         with pytest.raises(SpecError):
             skcfg.request_args(bad)
+    # vllm_xargs carries scalars: a JSON false may arrive as 0, or as a string
+    for off in (False, 0, "false", "0", " FALSE "):
+        assert skcfg.request_args({"steerkernel_monitor": off}).monitor is False, off
+    for on in (True, 1, "true", "1"):
+        assert skcfg.request_args({"steerkernel_monitor": on}).monitor is True, on
     assert skcfg.program_text([{"concept": "happy", "value": 0.1}, "sad=ablate"]) \
         == "happy=+0.1rel; sad=ablate"
     with pytest.raises(SpecError):

@@ -333,10 +333,23 @@ def request_args(extra_args: Optional[Mapping]) -> RequestArgs:
         tag = str(tag)
         if not tag or len(tag) > MAX_ID_CHARS or not tag.isprintable():
             raise SpecError(f"{EXTRA_ID} must be 1-{MAX_ID_CHARS} printable characters")
-    mon = extra_args.get(EXTRA_MONITOR, True)
-    if not isinstance(mon, bool):
-        raise SpecError(f"{EXTRA_MONITOR} must be true or false, got {quote_input(mon)}")
+    mon = _flag(extra_args.get(EXTRA_MONITOR, True))
+    if mon is None:
+        raise SpecError(f"{EXTRA_MONITOR} must be true or false, got "
+                        f"{quote_input(extra_args.get(EXTRA_MONITOR))}")
     return RequestArgs(text, tag, mon, True)
+
+
+def _flag(value) -> Optional[bool]:
+    """A boolean request flag as clients send it: JSON true / false, or 1 / 0 and "true" /
+    "false" (vLLM's ``vllm_xargs`` holds scalars and may turn a bool into an int); else None."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+        return value.strip().lower() in ("true", "1")
+    return None
 
 
 _SUFFIX = re.compile(r"^(?P<ext>.+)-[0-9a-f]{8}$")
