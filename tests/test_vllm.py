@@ -349,6 +349,37 @@ def test_worker_rejects_bad_request_without_raising(tmp_path):
     assert all(d["error"] for d in got.values()) and len(got) == 7
 
 
+def test_kept_reports_are_capped_by_count_and_bytes(tmp_path, monkeypatch):
+    """Finished reports wait for fetch_reports, at most max_finished of them and
+    max_finished_bytes of tensors (the soak's memory finding: a count cap alone let reports
+    with per-token traces grow the worker by ~130 KB each)."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from steerkernel.integrations.vllm.worker import pack_tensor, report_bytes
+
+    state, _ = _fake_state(tmp_path)
+    trace = pack_tensor(torch.zeros(1000))  # 4,000 bytes per report
+    monkeypatch.setattr(state, "_report_dict",
+                        lambda r, rep, final: {"request_id": r.key, "trace": trace})
+
+    def finish_n(n):
+        for _ in range(n):
+            rid = f"r{state.stats['finished']}"
+            state.admit(rid, SimpleNamespace(extra_args={"steerkernel": "nope=+1"}), 3)
+            state.finish(rid)
+
+    state.cfg = dataclasses.replace(state.cfg, max_finished=5, max_finished_bytes=1 << 30)
+    finish_n(8)
+    assert list(state.finished) == [f"r{i}" for i in range(3, 8)]  # the newest 5
+    state.cfg = dataclasses.replace(state.cfg, max_finished=100, max_finished_bytes=10_000)
+    finish_n(4)
+    assert len(state.finished) == 2 and state._finished_bytes == 8000  # 2 x 4,000 <= 10,000
+    got = state.reports(["r11"])
+    assert got["r11"]["trace"] is trace and state._finished_bytes == 4000
+    assert report_bytes(got["r11"]) == 4000
+
+
 def test_config_and_request_args_parsing(tmp_path):
     assert skcfg.parse_config(None) is None
     assert skcfg.parse_config({"other": 1}) is None

@@ -49,7 +49,11 @@ class PluginConfig:
         rules: alarm rules (strings, see :mod:`steerkernel.monitor.alarms`).
         jsonl: append alarms and per-request summaries to this JSONL file (rank 0).
         prometheus_port: serve Prometheus metrics on 127.0.0.1:PORT from the rank-0 worker.
-        max_finished: finished reports kept for :func:`fetch_reports` (oldest dropped first).
+        max_finished: finished reports kept for :func:`fetch_reports` (oldest dropped first;
+            each holds its per-token readings, ~100 KB for 60 tokens x 30 layers x 8 concepts,
+            so the default keeps the worker's memory flat within ~30 MB).
+        max_finished_bytes: ... and at most this many bytes of their tensors (default 64 MiB;
+            long requests with big banks hold MBs each), oldest dropped first.
         max_slots: steering slots (default ``2 * max_num_seqs + 1``: every running request
             can hold a prompt slot and a generated slot).
         backend: junction backend (None: automatic).
@@ -64,7 +68,8 @@ class PluginConfig:
     rules: Tuple[str, ...] = ()
     jsonl: Optional[str] = None
     prometheus_port: Optional[int] = None
-    max_finished: int = 4096
+    max_finished: int = 256
+    max_finished_bytes: int = 64 << 20
     max_slots: Optional[int] = None
     backend: Optional[str] = None
     above_z: float = 2.0
@@ -117,7 +122,7 @@ def parse_config(raw: Any) -> Optional[PluginConfig]:
     if not isinstance(rules, (list, tuple)) or not all(isinstance(r, str) for r in rules):
         raise SpecError("steerkernel config 'rules' must be a list of alarm-rule strings")
     kw["rules"] = tuple(rules)
-    for k in ("max_finished", "max_slots", "prometheus_port"):
+    for k in ("max_finished", "max_finished_bytes", "max_slots", "prometheus_port"):
         v = kw.get(k)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
             raise SpecError(f"steerkernel config {k!r} must be a non-negative int, got {v!r}")

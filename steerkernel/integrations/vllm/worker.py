@@ -91,6 +91,12 @@ def pack_tensor(t: Optional[Tensor]) -> Optional[dict]:
     return {"dtype": name, "shape": list(t.shape), "data": t.numpy().tobytes()}
 
 
+def report_bytes(report: dict) -> int:
+    """The tensor bytes a kept report holds (its packed tensors' data; the rest is small)."""
+    return sum(len(v["data"]) for v in report.values()
+               if isinstance(v, dict) and isinstance(v.get("data"), bytes))
+
+
 def unpack_tensor(d) -> Optional[Tensor]:
     if d is None:
         return None
@@ -167,6 +173,7 @@ class WorkerState:
         self._free = list(range(P - 1, 0, -1))
         self.reqs: Dict[str, _Request] = {}
         self.finished: "OrderedDict[Hashable, dict]" = OrderedDict()
+        self._finished_bytes = 0  # report_bytes of the kept reports
         self.fwd: Optional[_Forward] = None
         self._hw = 0  # slot_buf rows written by the last forward
         self._keys: Dict[Hashable, str] = {}  # monitor key -> rid (open requests)
@@ -356,9 +363,12 @@ class WorkerState:
         if r.fetched:
             return
         if rep is not None or r.program is not None or r.error is not None:
-            self.finished[r.key] = self._report_dict(r, rep, final=True)
-            while len(self.finished) > self.cfg.max_finished:
-                self.finished.popitem(last=False)
+            report = self._report_dict(r, rep, final=True)
+            self.finished[r.key] = report
+            self._finished_bytes += report_bytes(report)
+            while self.finished and (len(self.finished) > self.cfg.max_finished
+                                     or self._finished_bytes > self.cfg.max_finished_bytes):
+                self._finished_bytes -= report_bytes(self.finished.popitem(last=False)[1])
 
     def _report_dict(self, r: _Request, rep, final: bool) -> dict:
         out = {"request_id": r.key, "vllm_request_id": r.rid, "program": r.program,
@@ -485,7 +495,11 @@ class WorkerState:
         out: Dict[Hashable, Optional[dict]] = {}
         for key in keys:
             if key in self.finished:
-                out[key] = self.finished.pop(key) if pop else self.finished[key]
+                if pop:
+                    out[key] = self.finished.pop(key)
+                    self._finished_bytes -= report_bytes(out[key])
+                else:
+                    out[key] = self.finished[key]
                 continue
             r = self.reqs.get(self._keys.get(key, ""))
             if r is None:
