@@ -29,6 +29,7 @@ from __future__ import annotations
 import collections
 import importlib.util
 import math
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -623,6 +624,8 @@ LAW_BACKENDS = [("reference", "cpu")] + ([("cpu", "cpu")] if HAS_CPU else []) + 
     ([("cuda", "cuda")] if HAS_CUDA else []) + \
     ([("triton", TRITON_DEVICE)] if HAS_TRITON and TRITON_FAST else [])
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+#: the Triton backend's per-product error beyond fp32 (bf16-piece tensor-core products)
+TRITON_SPLIT_REL = 2.0**-16
 
 
 @dataclass
@@ -633,6 +636,9 @@ class Orth:
     x: Optional[torch.Tensor]
     V: torch.Tensor
     exact: bool
+    #: relative error of each product on top of fp32 rounding: the Triton backend multiplies
+    #: bf16 pieces of fp32 values (|a - hi - lo| <= 2^-16 |a|, triton_junction's "Numerics")
+    split_rel: float = 0.0
 
     @property
     def h(self) -> torch.Tensor:
@@ -645,9 +651,18 @@ class Orth:
         if self.exact:
             return torch.zeros(h.shape[0], 1, dtype=torch.float64)
         d = h.shape[1]
-        u = UNIT_ROUNDOFF[h.dtype] + 4 * d * 2.0**-24
+        u = UNIT_ROUNDOFF[h.dtype] + 4 * d * 2.0**-24 + 2 * self.split_rel
         norm = torch.stack([s.double().norm(dim=1, keepdim=True) for s in states]).amax(0)
         return 4 * u * norm
+
+    def score_tol(self, *states: torch.Tensor) -> Tol:
+        """SCORE_TOLERANCES of the dtype, widened by the backend's product error on states
+        this large (a near-zero score of a large state is exact only up to that)."""
+        tol = SCORE_TOLERANCES[self.residual.dtype]
+        if not self.split_rel:
+            return tol
+        norm = max(float(s.double().norm(dim=1).max()) for s in states)
+        return Tol(rtol=tol.rtol, atol=tol.atol + 4 * self.split_rel * norm)
 
 
 @st.composite
@@ -704,7 +719,7 @@ def test_law_ablation_is_idempotent(backend, device, o, data):
     assert (p1[:, mask].abs() <= o.bound(r1, o.h)).all(), f"projection left after ablation: {p1}"
     r2, s2, _, _ = _call(o, backend, device, residual=r1, with_x=False, slot=slot, shift=shift,
                          lo=lo, hi=hi)
-    assert_close(s2, p1.float(), SCORE_TOLERANCES[o.residual.dtype], "scores of 2nd call")
+    assert_close(s2, p1.float(), o.score_tol(r1, o.h), "scores of 2nd call")
     if o.exact:
         assert torch.equal(r2, r1), "ablation is not idempotent"
     else:
@@ -823,6 +838,7 @@ def test_laws_triton_interpreted(o, data):
     """A few law checks for interpreted Triton (each call is slow under the interpreter)."""
     law = data.draw(st.sampled_from([test_law_ablation_is_idempotent, test_law_caps_hold,
                                      test_law_add_then_subtract_is_identity]))
+    o = dataclasses.replace(o, split_rel=TRITON_SPLIT_REL)
     law.hypothesis.inner_test("triton", "cpu", o, data)
 
 
