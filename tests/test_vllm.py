@@ -386,7 +386,8 @@ def test_config_and_request_args_parsing(tmp_path):
     cfg = skcfg.parse_config({"steerkernel": {"bank": "/x.safetensors", "rules": "a > 1"}})
     assert cfg.bank == "/x.safetensors" and cfg.rules == ("a > 1",)
     for bad in ({"bank": 3}, {"bank": "b", "monitor": "yes"}, {"bank": "b", "typo": 1},
-                {"bank": "b", "max_slots": 1}, {"bank": "b", "above_z": float("nan")}):
+                {"bank": "b", "max_slots": 1}, {"bank": "b", "above_z": float("nan")},
+                {"bank": "b", "max_finished_bytes": -1}, {"bank": "b", "max_finished_bytes": "1M"}):
         with pytest.raises(SpecError):
             skcfg.parse_config(bad)
     a = skcfg.request_args({"steerkernel": "happy=+0.1; sad=ablate", "steerkernel_id": "r1",
