@@ -50,7 +50,8 @@ def test_server_soak_quick(tmp_path):
     doc = json.loads(out.read_text())
     failed = [k for k, v in doc.get("checks", {}).items() if not v]
     assert proc.returncode == 0 and not failed, f"failed checks {failed}:\n{log}\n" + json.dumps(
-        {k: doc.get(k) for k in ("reports", "slots_final", "ledger_probe", "rss", "health")},
+        {k: doc.get(k) for k in ("requests", "reports", "slots_final", "ledger_probe", "rss",
+                                 "health")},
         indent=1, default=str)[:6000] + "\nsolo: " + json.dumps(doc["solo"])[:2000]
 
     # the run did what it says
