@@ -25,7 +25,7 @@ from steerkernel.monitor.alarms import MAX_RULE_CHARS, AlarmRule
 from steerkernel.steering import (MAX_ENTRIES, MAX_PROGRAM_CHARS, MAX_PROGRAM_LAYERS,
                                   MAX_STEER_LAYERS, QUOTE_CHARS, compile_program,
                                   parse_program, parse_steer, quote_input)
-from steerkernel.integrations.vllm.config import program_text, request_args
+from steerkernel.integrations.vllm.config import RequestOptions, program_text, request_args
 
 from test_steering import make_bank
 
@@ -328,7 +328,8 @@ def test_slots_are_reserved_at_admission_and_refused_with_429(monkeypatch):
 
     need = {"one": 1, "two": 2, "none": 0}
     monkeypatch.setattr(patches, "_frontend_check",
-                        lambda vc, params: _compiled(need[params.extra_args["steerkernel"]]))
+                        lambda vc, params: (_compiled(need[params.extra_args["steerkernel"]]),
+                                            RequestOptions()))
     add = patches._wrap_async_add_request(_FakeEngine.add_request)
     eng = _FakeEngine(max_slots=4)  # 3 usable slots
 
@@ -364,7 +365,7 @@ def test_admission_validates_off_the_event_loop(monkeypatch):
     def slow_check(vc, params):
         loop_thread.append(threading.get_ident())
         time.sleep(0.3)
-        return _compiled(1)
+        return _compiled(1), RequestOptions()
 
     monkeypatch.setattr(patches, "_frontend_check", slow_check)
     add = patches._wrap_async_add_request(_FakeEngine.add_request)
@@ -393,7 +394,7 @@ def test_process_inputs_reuses_the_async_check(monkeypatch):
 
     calls = []
     monkeypatch.setattr(patches, "_frontend_check",
-                        lambda vc, params: calls.append(1) or _compiled(1))
+                        lambda vc, params: calls.append(1) or (_compiled(1), RequestOptions()))
     p = SimpleNamespace(extra_args={"steerkernel": "x"}, n=1)
     patches._PRECHECKED[id(p)] = (p, _compiled(1))
     try:

@@ -419,7 +419,8 @@ def test_frontend_check_without_engine_config():
     from steerkernel.integrations.vllm.patches import _frontend_check
 
     vc = SimpleNamespace(additional_config={})
-    assert _frontend_check(vc, SimpleNamespace(extra_args={"x": 1})) is None
+    compiled, options = _frontend_check(vc, SimpleNamespace(extra_args={"x": 1}))
+    assert compiled is None and options.report is None and options.action is None
     with pytest.raises(VLLMValidationError, match="no steerkernel bank"):
         _frontend_check(vc, SimpleNamespace(extra_args={"steerkernel": "happy=+0.1"}))
 

@@ -168,6 +168,7 @@ class MonitorEngine:
         self.alarm_state = AlarmState(self.rules, R, self.device)
         self.sinks = list(sinks)
         self.callbacks: List[Callable[[AlarmEvent], None]] = []
+        self.row_taps: List[Callable[[Hashable, int, Tensor], None]] = []
         self.keep_traces, self.on_full = keep_traces, on_full
         cuda = self.device.type == "cuda"
         self._stream = torch.cuda.Stream(self.device) if cuda else None
@@ -339,6 +340,8 @@ class MonitorEngine:
         for rid, n, start, first in e.rows:
             if rid not in self._traces:  # closed meanwhile
                 continue
+            for tap in self.row_taps:
+                tap(rid, first, e.host[:, start:start + n])
             if self.keep_traces:
                 self._traces[rid].append(e.host[:, start:start + n].transpose(0, 1).clone())
             if e.fired is not None:
@@ -362,6 +365,12 @@ class MonitorEngine:
     def on_alarm(self, fn: Callable[[AlarmEvent], None]) -> None:
         """Call ``fn(event)`` for every alarm (from :meth:`poll`, on the host)."""
         self.callbacks.append(fn)
+
+    def on_rows(self, fn: Callable[[Hashable, int, Tensor], None]) -> None:
+        """Call ``fn(request_id, first_token, rows)`` for every recorded segment, before its
+        alarms (from :meth:`poll`, on the host); ``rows`` is a ``[L, n, K]`` view of raw
+        projections valid only during the call."""
+        self.row_taps.append(fn)
 
     def report(self, request_id: Hashable) -> RequestReport:
         """The request's report so far (drains finished copies first)."""

@@ -33,7 +33,9 @@ CONFIG_KEY = "steerkernel"
 EXTRA_PROGRAM = "steerkernel"
 EXTRA_ID = "steerkernel_id"
 EXTRA_MONITOR = "steerkernel_monitor"
-EXTRA_KEYS = (EXTRA_PROGRAM, EXTRA_ID, EXTRA_MONITOR)
+from .readings import EXTRA_ON_ALARM, EXTRA_REPORT, EXTRA_STREAM  # noqa: E402
+EXTRA_KEYS = (EXTRA_PROGRAM, EXTRA_ID, EXTRA_MONITOR, EXTRA_REPORT, EXTRA_ON_ALARM,
+              EXTRA_STREAM)
 MAX_ID_CHARS = 256
 
 
@@ -60,6 +62,8 @@ class PluginConfig:
         above_z, ema_alpha: monitor aggregates (see :class:`MonitorEngine`).
         check_fingerprint: refuse a bank whose fingerprint names another architecture, hidden
             size, layer count or vocabulary size.
+        reports_open: the server's report route (``GET /v1/steerkernel/reports/{id}``) serves
+            any report by id, without the token its response gave (default: only with it).
     """
 
     bank: str
@@ -75,6 +79,7 @@ class PluginConfig:
     above_z: float = 2.0
     ema_alpha: float = 0.1
     check_fingerprint: bool = True
+    reports_open: bool = False
 
     def to_dict(self) -> Dict[str, Any]:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -82,7 +87,7 @@ class PluginConfig:
         return d
 
 
-_BOOL = ("monitor", "keep_traces", "check_fingerprint")
+_BOOL = ("monitor", "keep_traces", "check_fingerprint", "reports_open")
 
 
 def parse_config(raw: Any) -> Optional[PluginConfig]:
@@ -251,6 +256,9 @@ class RequestArgs:
     tag: Optional[str] = None      # steerkernel_id
     monitor: bool = True
     given: bool = False            # any steerkernel key present
+    report: Optional[str] = None   # steerkernel_report (checked against the bank later)
+    on_alarm: Optional[str] = None  # steerkernel_on_alarm (checked against the bank later)
+    stream: Optional[str] = None   # steerkernel_stream (the server's response tag)
 
 
 def program_text(program) -> Optional[str]:
@@ -342,7 +350,60 @@ def request_args(extra_args: Optional[Mapping]) -> RequestArgs:
     if mon is None:
         raise SpecError(f"{EXTRA_MONITOR} must be true or false, got "
                         f"{quote_input(extra_args.get(EXTRA_MONITOR))}")
-    return RequestArgs(text, tag, mon, True)
+    texts = {}
+    for key in (EXTRA_REPORT, EXTRA_ON_ALARM, EXTRA_STREAM):
+        v = extra_args.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, str)):
+            raise SpecError(f"{key} must be a string, got {type(v).__name__}")
+        texts[key] = v
+    if texts[EXTRA_STREAM] is not None:
+        from .readings import check_stream_tag
+
+        check_stream_tag(texts[EXTRA_STREAM])
+    if (texts[EXTRA_REPORT] is not None or texts[EXTRA_ON_ALARM] is not None) and not mon:
+        raise SpecError(f"{EXTRA_REPORT} / {EXTRA_ON_ALARM} need the monitor: "
+                        f"{EXTRA_MONITOR} cannot be false with them")
+    return RequestArgs(text, tag, mon, True, texts[EXTRA_REPORT], texts[EXTRA_ON_ALARM],
+                       texts[EXTRA_STREAM])
+
+
+@dataclass(frozen=True)
+class RequestOptions:
+    """A request's readings and alarm action resolved against the bank and the engine's
+    rules: ``report`` (:class:`~.readings.ReportSpec` or None), ``action``
+    (:class:`~.readings.AlarmAction` or None) and, for a steer action, ``switched``: the
+    compiled program the request runs once it fires (its own program plus the action's)."""
+
+    report: Any = None
+    action: Any = None
+    switched: Any = None
+
+
+def request_options(args: RequestArgs, bank, cfg: PluginConfig) -> RequestOptions:
+    """Resolve ``steerkernel_report`` / ``steerkernel_on_alarm``; :class:`SpecError` names
+    what does not fit (unknown concept or layer, no alarm rule, a bad program)."""
+    if args.report is None and args.on_alarm is None:
+        return RequestOptions()
+    from ...monitor.alarms import parse_rules
+    from .readings import parse_alarm_action, parse_report_spec
+
+    if not cfg.monitor:
+        raise SpecError("readings and alarm actions need the engine's monitor (plugin config "
+                        "'monitor' is false)")
+    report = action = switched = None
+    if args.report is not None:
+        report = parse_report_spec(args.report, bank.names, [int(x) for x in bank.layers])
+    if args.on_alarm is not None:
+        action = parse_alarm_action(args.on_alarm, [r.concept for r in parse_rules(cfg.rules)])
+        if action.kind == "steer":
+            text = f"{args.program}; {action.program}" if args.program else action.program
+            switched = compile_cached(text, bank)
+    return RequestOptions(report, action, switched)
+
+
+def action_slots(options: RequestOptions) -> int:
+    """Extra slots a request's alarm action may take when it fires (1 for a steer action)."""
+    return 1 if options.switched is not None and slots_needed(options.switched) else 0
 
 
 def _flag(value) -> Optional[bool]:
@@ -392,5 +453,7 @@ def check_programs(programs: Sequence, n: int) -> List:
 __all__ = ["PluginConfig", "parse_config", "config_from_vllm", "load_bank", "check_bank_fits",
            "compile_cached", "slot_count", "slots_needed",
            "RequestArgs", "request_args", "program_text", "external_id", "CONFIG_KEY",
-           "EXTRA_PROGRAM", "EXTRA_ID", "EXTRA_MONITOR", "canonical_program"]
+           "EXTRA_PROGRAM", "EXTRA_ID", "EXTRA_MONITOR", "canonical_program",
+           "EXTRA_REPORT", "EXTRA_ON_ALARM", "EXTRA_STREAM", "RequestOptions",
+           "request_options", "action_slots"]
 

@@ -61,27 +61,31 @@ def _wrap(owner, name: str, make: Callable) -> None:
 
 # ------------------------------------------------------------------------------ front end
 def _frontend_check(vllm_config, params):
-    """Validate a request's steerkernel arguments; return its compiled program (or None).
+    """Validate a request's steerkernel arguments; return ``(compiled program or None,
+    RequestOptions)``.
 
     Bounded by the caps of :mod:`steerkernel.steering` but it can still take milliseconds
     (a 16 KB program, a big bank): the async path runs it in a thread
     (:func:`_wrap_async_add_request`), never on the server's event loop."""
     from vllm.exceptions import VLLMValidationError
 
-    from .config import compile_cached, config_from_vllm, load_bank, request_args
+    from .config import (RequestOptions, compile_cached, config_from_vllm, load_bank,
+                         request_args, request_options)
 
     extra = getattr(params, "extra_args", None)
     try:
         args = request_args(extra)
         if not args.given:
-            return None
+            return None, RequestOptions()
         cfg = config_from_vllm(vllm_config)
         if cfg is None:
             raise ValueError("this engine has no steerkernel bank configured (start it with "
                              "additional_config={'steerkernel': {'bank': PATH}})")
+        bank = load_bank(cfg.bank)
+        options = request_options(args, bank, cfg)
         if args.program is None:
-            return None
-        return compile_cached(args.program, load_bank(cfg.bank))
+            return None, options
+        return compile_cached(args.program, bank), options
     except VLLMValidationError:
         raise
     except Exception as e:  # noqa: BLE001 - every failure is this request's bad argument
@@ -114,7 +118,7 @@ def _wrap_process_inputs(orig):
             if got is not None and got[0] is params:
                 compiled = got[1]
             else:
-                compiled = _frontend_check(self.vllm_config, params)
+                compiled = _frontend_check(self.vllm_config, params)[0]
         request = orig(self, request_id, prompt, params, *args, **kwargs)
         if compiled is not None and getattr(self.cache_config, "enable_prefix_caching", False):
             salt_request(request, str(compiled.program))
@@ -184,12 +188,12 @@ def _wrap_async_add_request(orig):
     async def add_request(self, request_id, prompt, params, *args, **kwargs):
         if not _wants_check(params):
             return await orig(self, request_id, prompt, params, *args, **kwargs)
-        from .config import slots_needed
+        from .config import action_slots, slots_needed
 
         # off the event loop: one request's validation never stalls the others
-        compiled = await asyncio.to_thread(_frontend_check, self.vllm_config, params)
-        need = slots_needed(compiled) * max(1, int(getattr(params, "n", 1) or 1)) \
-            if compiled is not None else 0
+        compiled, options = await asyncio.to_thread(_frontend_check, self.vllm_config, params)
+        per = (slots_needed(compiled) if compiled is not None else 0) + action_slots(options)
+        need = per * max(1, int(getattr(params, "n", 1) or 1))
         ledger = token = None
         if need:
             out = self.output_processor
@@ -305,6 +309,77 @@ def _wrap_prepare_inputs_v2(orig):
     return prepare_inputs
 
 
+# ------------------------------------------------------------------------------ alarm stops
+def _wrap_sample_tokens(orig):
+    def sample_tokens(self, *args, **kwargs):
+        out = orig(self, *args, **kwargs)
+        st = _state(self)
+        if st is not None and st._stops and out is not None and hasattr(out, "__dict__"):
+            out._steerkernel_stops = st.take_stops()
+        return out
+    return sample_tokens
+
+
+def _wrap_update_from_output(orig):
+    def update_from_output(self, scheduler_output, model_runner_output, *args, **kwargs):
+        stops = getattr(model_runner_output, "__dict__", {}).get("_steerkernel_stops")
+        if stops:
+            from .readings import add_stop
+
+            for rid, label in stops.items():
+                add_stop(rid, label)
+        return orig(self, scheduler_output, model_runner_output, *args, **kwargs)
+    return update_from_output
+
+
+def _wrap_update_request_with_output(orig):
+    def _update_request_with_output(self, request, new_token_ids, *args, **kwargs):
+        new_ids, stopped = orig(self, request, new_token_ids, *args, **kwargs)
+        from .readings import PENDING_STOPS, take_stop
+
+        if PENDING_STOPS and new_ids:
+            label = take_stop(request.request_id)
+            if label is not None and not stopped:
+                from vllm.v1.request import RequestStatus
+
+                request.status = RequestStatus.FINISHED_STOPPED
+                request.stop_reason = label
+                stopped = True
+        return new_ids, stopped
+    return _update_request_with_output
+
+
+# ------------------------------------------------------------------------------ API server
+def _wrap_async_llm_init(orig):
+    def __init__(self, vllm_config, *args, **kwargs):
+        from .config import config_from_vllm
+
+        cfg = config_from_vllm(vllm_config)
+        if cfg is not None:
+            from .readings import start_server_book
+
+            start_server_book(cfg)
+            plugins = os.environ.get("VLLM_PLUGINS")
+            if plugins is None or "steerkernel" not in [p.strip() for p in plugins.split(",")]:
+                log.warning(
+                    "steerkernel: readings in responses are on; the control routes "
+                    "(/v1/steerkernel/concepts, /v1/steerkernel/reports/{id}) are off: vLLM "
+                    "adds plugin routes only when the plugin is named in VLLM_PLUGINS; start "
+                    "the server with VLLM_PLUGINS=steerkernel to turn them on")
+        return orig(self, vllm_config, *args, **kwargs)
+    return __init__
+
+
+def _wrap_init_middleware(orig):
+    def init_entrypoints_middleware(args, app, *rest, **kwargs):
+        from .server import ReadingsMiddleware
+
+        # added first = innermost: vLLM's CORS and API-key middleware run before it
+        app.add_middleware(ReadingsMiddleware)
+        return orig(args, app, *rest, **kwargs)
+    return init_entrypoints_middleware
+
+
 #: touch-point kind (:mod:`.touchpoints`) -> the wrapper factory that goes there
 WRAPPERS: Dict[str, Callable] = {
     "input_processing": _wrap_process_inputs,
@@ -312,6 +387,11 @@ WRAPPERS: Dict[str, Callable] = {
     "worker_load": _wrap_load_model,
     "execute_v1": lambda f: _make_execute(f, False),
     "batch_layout_v1": _wrap_prepare_inputs_v1,
+    "sample_stops": _wrap_sample_tokens,
+    "scheduler_output": _wrap_update_from_output,
+    "scheduler_stop": _wrap_update_request_with_output,
+    "readings_channel": _wrap_async_llm_init,
+    "response_middleware": _wrap_init_middleware,
     "execute_v2": lambda f: _make_execute(f, True),
     "batch_layout_v2": _wrap_prepare_inputs_v2,
 }

@@ -50,11 +50,11 @@ from ...limits import quote_input
 
 log = logging.getLogger("steerkernel.vllm")
 
-#: ``vllm_xargs`` / ``extra_args`` keys
-EXTRA_REPORT = "steerkernel_report"
-EXTRA_ON_ALARM = "steerkernel_on_alarm"
-#: set by the server's middleware (not by clients): the response stream a request belongs to
-EXTRA_STREAM = "steerkernel_stream"
+#: ``vllm_xargs`` / ``extra_args`` keys (config.EXTRA_KEYS lists them with the others)
+EXTRA_REPORT = "steerkernel_report"      # readings in the HTTP response
+EXTRA_ON_ALARM = "steerkernel_on_alarm"  # what an alarm does to this request
+EXTRA_STREAM = "steerkernel_stream"      # set by the server's middleware, not by clients
+
 #: the API server process sets it before the engine starts; workers inherit it
 ENV_ADDR = "STEERKERNEL_READINGS_ADDR"
 
@@ -397,8 +397,9 @@ class ReadingsBook:
                 return [None] * n, [], None
             rows = [ch.rows[j - ch.first] if 0 <= j - ch.first < len(ch.rows) else None
                     for j in range(start, start + n)]
-            alarms = [a for a in ch.alarms if a.get("token") is not None
-                      and start <= a["token"] < start + n]
+            # alarms at prompt positions (token None) go out with the first token's chunk
+            alarms = [a for a in ch.alarms if (a.get("token") is None and start == 0 and n)
+                      or (a.get("token") is not None and start <= a["token"] < start + n)]
         return rows, alarms, ch
 
     def all_alarms(self, tag: str, cid: Sequence[str]) -> List[dict]:

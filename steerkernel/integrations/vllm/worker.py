@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from os import environ as _environ
 from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -42,8 +43,9 @@ from ...errors import SpecError
 from ...ops import MODEL_DTYPES
 from ...steering import CompiledProgram, SlotTables
 from ..site import JunctionSite, Scratch, Steering
+from . import readings
 from .config import (PluginConfig, RequestArgs, check_bank_fits, compile_cached, external_id,
-                     load_bank, request_args, slot_count, slots_needed)
+                     load_bank, request_args, request_options, slot_count, slots_needed)
 from .norm import site_modules
 
 log = logging.getLogger("steerkernel.vllm")
@@ -66,6 +68,21 @@ class _Request:
     latch_copied: bool = False
     opened: bool = False           # has rows in the monitor
     fetched: bool = False          # the caller already took the report
+    # readings and alarm actions (.readings): asked for in the request's extra_args
+    report_cols: Optional[Tuple[Tuple[int, int], ...]] = None  # (layer pos, concept) columns
+    stream: Optional[str] = None   # the server's response tag (rows go out only with one)
+    action: Any = None             # AlarmAction
+    switched: Optional[CompiledProgram] = None  # program once a steer action fires
+    fired: Optional[str] = None    # label of the rule whose action was taken
+    rows_sent: int = 0             # generated-token rows pushed so far
+    outbox_rows: List[list] = field(default_factory=list)
+    outbox_j0: int = 0
+    outbox_alarms: List[dict] = field(default_factory=list)
+
+    @property
+    def live(self) -> bool:
+        """Needs its readings / alarms as soon as they exist (not later in a batch)."""
+        return self.report_cols is not None or self.action is not None
 
 
 @dataclass
@@ -178,7 +195,9 @@ class WorkerState:
         self._hw = 0  # slot_buf rows written by the last forward
         self._keys: Dict[Hashable, str] = {}  # monitor key -> rid (open requests)
         self.stats = {"admitted": 0, "steered": 0, "rejected": 0, "finished": 0,
-                      "forwards": 0, "slot_exhausted": 0}
+                      "forwards": 0, "slot_exhausted": 0, "alarm_stops": 0,
+                      "alarm_switches": 0, "readings_sent": 0, "readings_dropped": 0}
+        self._stops: Dict[str, str] = {}  # vLLM request id -> rule label, this step
 
         self.reporter = bool(cfg.monitor) and self.tp_rank == 0
         self.monitor = None
@@ -198,6 +217,19 @@ class WorkerState:
                 baseline_std=bank.baseline_std.nan_to_num(1.0), rules=list(cfg.rules),
                 sinks=self.sinks, keep_traces=cfg.keep_traces, above_z=cfg.above_z,
                 ema_alpha=cfg.ema_alpha)
+            self.monitor.on_rows(self._tap_rows)
+            self.monitor.on_alarm(self._tap_alarm)
+        # readings go to the API server that started this engine (.readings); none offline
+        self.publisher = None
+        addr = _environ.get(readings.ENV_ADDR)
+        if self.reporter and addr:
+            try:
+                self.publisher = readings.Publisher(addr)
+            except Exception as e:  # noqa: BLE001 - the engine runs; readings say "missing"
+                log.error("steerkernel: cannot reach the API server's readings channel %s "
+                          "(%s); responses will carry no readings", addr, e)
+        self._mu = bank.baseline_mean.nan_to_num(0.0).float()
+        self._sd = bank.baseline_std.nan_to_num(1.0).float().clamp_min(1e-6)
 
         # the modules whose (x, residual) calls become junctions; validate every buffer the
         # hot path hands the raw op once, here, before anything runs
@@ -302,6 +334,16 @@ class WorkerState:
                 r.compiled = compile_cached(args.program, self.bank)
             except Exception as e:  # noqa: BLE001
                 r.error = f"{type(e).__name__}: {e}"
+        if r.error is None and (args.report is not None or args.on_alarm is not None):
+            try:
+                opts = request_options(args, self.bank, self.cfg)
+            except Exception as e:  # noqa: BLE001 - the front end normally refuses it first
+                r.error = f"{type(e).__name__}: {e}"
+            else:
+                if self.monitor is not None and r.monitor:
+                    r.report_cols = opts.report.cols if opts.report is not None else None
+                    r.action, r.switched = opts.action, opts.switched
+                    r.stream = args.stream
         if r.error is not None:
             self.stats["rejected"] += 1
             log.error("steerkernel: request %s: bad steering arguments, running it unsteered: "
@@ -351,6 +393,8 @@ class WorkerState:
         r = self.reqs.pop(rid, None)
         if r is None:
             return
+        readings.drop_stop(rid)
+        self._stops.pop(rid, None)
         self._release(r)
         self._keys.pop(r.key, None)
         self.stats["finished"] += 1
@@ -481,8 +525,103 @@ class WorkerState:
                 r.opened = True
         try:
             self.monitor.record(rows)
+            if any(r.live for r in self.reqs.values()):
+                # readings and alarm actions belong to this step's tokens: no lag
+                self.monitor.poll(wait=True)
+                self._flush()
         except Exception:  # noqa: BLE001 - never take the engine down for a monitor fault
             log.exception("steerkernel: monitor record failed; these tokens are dropped")
+
+    # ------------------------------------------------------------------ readings / actions
+    def _req_by_key(self, key: Hashable) -> Optional[_Request]:
+        return self.reqs.get(self._keys.get(key, ""))
+
+    def _tap_rows(self, key: Hashable, first: int, rows: Tensor) -> None:
+        """Monitor rows ``[L, n, K]`` of one request (monitored tokens ``first..``): keep the
+        generated tokens' rows (row ``j`` = position ``prompt_len - 1 + j``) it asked for."""
+        r = self._req_by_key(key)
+        if r is None or r.report_cols is None or r.stream is None or self.publisher is None:
+            return
+        n = rows.shape[1]
+        start = first + r.skipped - (r.prompt_len - 1)  # generated index of rows[:, 0]
+        lo = max(0, -start)
+        if lo >= n:
+            return
+        li = torch.tensor([c[0] for c in r.report_cols])
+        ci = torch.tensor([c[1] for c in r.report_cols])
+        raw = rows[:, lo:, :][li, :, ci]  # [C, m] (the two index tensors broadcast first)
+        z = ((raw - self._mu[li, ci][:, None]) / self._sd[li, ci][:, None]).T  # [m, C]
+        if not r.outbox_rows:
+            r.outbox_j0 = start + lo
+        r.outbox_rows.extend([[round(v, 6) for v in row] for row in z.tolist()])
+
+    def _tap_alarm(self, ev) -> None:
+        r = self._req_by_key(ev.request_id)
+        if r is None or not r.live:
+            return
+        pos = ev.token + r.skipped
+        j = pos - (r.prompt_len - 1)
+        act = None
+        if r.action is not None and r.fired is None and r.action.matches(ev.concept):
+            act = r.action.kind
+            r.fired = ev.rule
+            if act == "stop":
+                label = f"steerkernel: {ev.rule}"
+                self._stops[r.rid] = label
+                readings.add_stop(r.rid, label)
+                self.stats["alarm_stops"] += 1
+            else:
+                self._switch(r)
+        if r.report_cols is not None:
+            r.outbox_alarms.append({"rule": ev.rule, "concept": ev.concept, "layer": ev.layer,
+                                    "token": j if j >= 0 else None, "position": pos,
+                                    "value": round(float(ev.value), 6), "action": act})
+
+    def _switch(self, r: _Request) -> None:
+        """A steer action fired: the request's generated tokens run ``r.switched`` from the
+        next forward on (a slot of its own; the front end reserved it)."""
+        c = r.switched
+        if c is None or c.identity["generated"]:
+            return
+        s = self._alloc()
+        if not s:
+            self.stats["slot_exhausted"] += 1
+            r.error = "no free steering slot for the alarm's steer action: it did not run"
+            log.error("steerkernel: request %s: %s", r.rid, r.error)
+            return
+        self.tables.assign(s, c, "generated")
+        if r.slot_gen and r.slot_gen != r.slot_prompt and r.slot_gen in r.owned:
+            old = r.slot_gen
+            r.owned.remove(old)
+            self.tables.clear(old)
+            self._free.append(old)
+        r.owned.append(s)
+        r.slot_gen = s
+        r.compiled = c
+        r.latch_copied = True  # the switched program's gates start closed
+        self.stats["alarm_switches"] += 1
+
+    def _flush(self) -> None:
+        if self.publisher is None:
+            for r in self.reqs.values():
+                r.outbox_rows, r.outbox_alarms = [], []
+            return
+        for r in self.reqs.values():
+            if r.stream is None or not (r.outbox_rows or r.outbox_alarms):
+                continue
+            msg = {"t": r.stream, "id": external_id(r.rid), "rid": r.rid, "key": str(r.key),
+                   "j0": r.outbox_j0, "z": r.outbox_rows, "alarms": r.outbox_alarms}
+            if self.publisher.send(msg):
+                self.stats["readings_sent"] += len(r.outbox_rows)
+            else:
+                self.stats["readings_dropped"] += len(r.outbox_rows)
+            r.rows_sent += len(r.outbox_rows)
+            r.outbox_rows, r.outbox_alarms = [], []
+
+    def take_stops(self) -> Dict[str, str]:
+        """This step's stop decisions (for the runner output; see .patches)."""
+        out, self._stops = self._stops, {}
+        return out
 
     # ------------------------------------------------------------------ RPC (collective_rpc)
     def reports(self, keys: Optional[Sequence[Hashable]] = None, pop: bool = True
@@ -519,6 +658,7 @@ class WorkerState:
                 "sites": [i for i, s in enumerate(self.sites) if s is not None],
                 "slots": self.P, "free_slots": len(self._free), "open_requests": len(self.reqs),
                 "finished_reports": len(self.finished), "T_max": self.T_max,
+                "readings_channel": self.publisher is not None,
                 **self.stats,
                 "monitor": self.monitor.stats() if self.monitor is not None else None}
 
