@@ -50,16 +50,18 @@ def make_bank(path: str, names: Sequence[str], seed: int = 0) -> str:
 
 class ApiServer:
     def __init__(self, plugin_cfg: Optional[dict], log_path: str, max_num_seqs: int = 16,
-                 extra_args: Optional[List[str]] = None, env: Optional[dict] = None):
+                 extra_args: Optional[List[str]] = None, env: Optional[dict] = None,
+                 model_dir: Optional[str] = None):
         """``plugin_cfg`` None: no steerkernel config and ``VLLM_PLUGINS=""`` (vLLM without
-        the plugin loaded at all); ``env`` entries override."""
+        the plugin loaded at all); ``env`` entries override; ``model_dir`` default: the
+        embedded SmolLM2 (served as ``MODEL_NAME`` either way)."""
         from ..models import default_model_dir
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-                    "--model", default_model_dir(), "--served-model-name",
+                    "--model", model_dir or default_model_dir(), "--served-model-name",
                     MODEL_NAME, "--host", "127.0.0.1", "--port", str(self.port),
                     "--max-num-seqs", str(max_num_seqs), *SERVER_FLAGS,
                     *(["--additional-config", json.dumps({"steerkernel": plugin_cfg})]

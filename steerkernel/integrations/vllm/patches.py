@@ -355,7 +355,13 @@ def _wrap_async_llm_init(orig):
         from .config import config_from_vllm
 
         cfg = config_from_vllm(vllm_config)
-        if cfg is not None:
+        pp = int(getattr(getattr(vllm_config, "parallel_config", None),
+                         "pipeline_parallel_size", 1) or 1)
+        if cfg is not None and pp > 1:
+            log.warning("steerkernel: readings in responses are off with pipeline parallelism "
+                        "(each stage reads only its own layers); requests asking for them get "
+                        "HTTP 400")
+        elif cfg is not None:
             from .readings import start_server_book
 
             start_server_book(cfg)

@@ -87,8 +87,8 @@ def plan_request(body: bytes):
     book, cfg = server_book(), server_config()
     if book is None or cfg is None:
         return _error(400, f"steerkernel: {EXTRA_REPORT}: this server has no readings "
-                           "channel (it serves no steerkernel engine, or runs more than one "
-                           "API server process)")
+                           "channel (it serves no steerkernel engine, runs more than one "
+                           "API server process, or uses pipeline parallelism)")
     n = doc.get("n", 1)
     if n not in (None, 1):
         return _error(400, f"steerkernel: {EXTRA_REPORT} needs n=1 (got n={n!r})", "n")
