@@ -91,6 +91,63 @@ async def one_round(url: str, model: str, clients: int, max_tokens: int,
             "rows_received": sum(r["rows"] for r in res)}
 
 
+def component_costs(report: str, clients: int, reps: int = 2000) -> dict:
+    """The readings' own work per token, timed in this process (no noise from the server's
+    neighbours): the worker's row pick and channel push, and the middleware's rewrite of one
+    streamed chunk (parse, attach the row, serialise)."""
+    import timeit
+
+    import torch
+
+    from steerkernel.integrations.vllm import readings as rd
+    from steerkernel.integrations.vllm import server as sv
+    from steerkernel.integrations.vllm.worker import ReadingsPick
+
+    L, K = 30, len(NAMES)
+    spec = rd.parse_report_spec(report, NAMES, list(range(L)))
+    pick = ReadingsPick(spec.cols, torch.zeros(L, K), torch.ones(L, K))
+    rows = torch.randn(L, 1, K)
+    t_pick = timeit.timeit(lambda: pick(rows, 0), number=reps) / reps
+    book = rd.ReadingsBook()
+    pub = rd.Publisher(book.addr)
+    msg = {"t": "bench", "id": "cmpl-1-0", "rid": "cmpl-1-0-00000000", "key": "cmpl-1-0",
+           "j0": 0, "z": pick(rows, 0), "alarms": []}
+    t_push = timeit.timeit(lambda: pub.send(msg), number=reps) / reps
+    chunk = json.dumps({"id": "cmpl-1", "object": "text_completion", "created": 1,
+                        "model": "smollm2", "choices": [{"index": 0, "text": " word",
+                                                         "logprobs": None,
+                                                         "finish_reason": None,
+                                                         "stop_reason": None,
+                                                         "token_ids": [1234]}]}).encode()
+
+    async def rewrite_many() -> float:
+        book.open("bench", spec)
+        ch = book._streams["bench"].choices.setdefault("cmpl-1-0", rd._Choice())
+        ch.rows = [msg["z"][0]] * reps
+        plan = sv._Plan("bench", spec, strip_ids=True)
+        old = rd._BOOK.get("book")
+        rd._BOOK["book"] = book
+        try:
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                doc = json.loads(chunk[6:] if chunk.startswith(b"data: ") else chunk)
+                doc = await sv.annotate(plan, doc, whole=False)
+                json.dumps(doc, separators=(",", ":")).encode()
+            return (time.perf_counter() - t0) / reps
+        finally:
+            rd._BOOK["book"] = old
+            book.close("bench")
+
+    t_rewrite = asyncio.run(rewrite_many())
+    pub.close()
+    book.shutdown()
+    per_token = t_pick + t_push + t_rewrite
+    return {"report": report, "columns": len(spec.cols), "pick_us": round(t_pick * 1e6, 2),
+            "push_us": round(t_push * 1e6, 2), "rewrite_us": round(t_rewrite * 1e6, 2),
+            "per_token_us": round(per_token * 1e6, 2),
+            "per_step_ms_at_clients": round(per_token * clients * 1e3, 3)}
+
+
 def summarize(rounds: List[dict]) -> dict:
     tpots = [t for r in rounds for t in r["tpot_ms"]]
     return {"rounds": len(rounds), "requests": len(tpots),
@@ -107,10 +164,15 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--report", default="all", help="steerkernel_report of the readings runs")
     p.add_argument("--out", default=None)
+    p.add_argument("--components-only", action="store_true",
+                   help="only the in-process per-token costs (no server)")
     p.add_argument("--workdir", default=None)
     args = p.parse_args(argv)
 
-    import steerkernel
+    if args.components_only:
+        for r in (args.report, "all@*"):
+            print(json.dumps(component_costs(r, args.clients)))
+        return 0
     from steerkernel.bench import runner as br
     from steerkernel.bench.vllm_server import MODEL_NAME, ApiServer, make_bank
 
@@ -147,6 +209,11 @@ def main(argv=None) -> int:
         finally:
             srv.stop()
     summary = {k: summarize(v) for k, v in variants.items()}
+    summary["component_costs"] = [component_costs(r, args.clients) for r in (args.report,
+                                                                             "all@*")]
+    for c in summary["component_costs"]:
+        c["share_of_monitor_tpot_p50_pct"] = round(
+            100 * c["per_step_ms_at_clients"] / summary["monitor"]["tpot_p50_ms"], 3)
     ratios = [rd["tpot_p50_ms"] / mo["tpot_p50_ms"]
               for rd, mo in zip(variants["readings"], variants["monitor"])]
     summary["readings_vs_monitor_tpot_p50"] = {
@@ -172,6 +239,11 @@ def main(argv=None) -> int:
     c = summary["readings_vs_monitor_tpot_p50"]
     log(f"  readings cost (TPOT p50, median of rounds): {c['cost_pct']:+.2f} % "
         f"(target <= {c['target_pct']} %)")
+    for c in summary["component_costs"]:
+        log(f"  in-process, per token ({c['report']}, {c['columns']} columns): pick "
+            f"{c['pick_us']} us + push {c['push_us']} us + rewrite {c['rewrite_us']} us = "
+            f"{c['per_step_ms_at_clients']} ms per step of {args.clients} tokens "
+            f"({c['share_of_monitor_tpot_p50_pct']} % of TPOT)")
     return 0
 
 

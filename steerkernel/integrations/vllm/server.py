@@ -6,7 +6,7 @@
   removed again from the answer unless the client asked for it); every choice of the answer
   then carries a ``steerkernel`` object with the z rows of its tokens, the alarms that fired at
   them, and, with the choice's last chunk, aggregates and the id + token of its full report.
-  Requests without ``steerkernel_report`` pass through untouched (one substring test).
+  Requests without ``steerkernel_report`` pass through untouched (two substring tests).
   Installed by the ``response_middleware`` touch point (:mod:`.touchpoints`), inside vLLM's own
   middleware (CORS, API key).
 * :class:`SteerkernelEndpoints`: a ``vllm.endpoint_plugins`` entry point (vLLM's documented
@@ -70,8 +70,8 @@ def plan_request(body: bytes):
     """``(plan, new_body)`` for a request asking for readings, ``(None, new_body)`` for one
     that only needs cleaning (a client-set stream tag), ``(None, None)`` to pass it through;
     a ``(status, body)`` error tuple for a bad one."""
-    if b"steerkernel" not in body:
-        return None, None
+    if b"steerkernel_report" not in body and b"steerkernel_stream" not in body:
+        return None, None  # the common case: no JSON parse here (vLLM parses it anyway)
     try:
         doc = json.loads(body)
     except ValueError:
@@ -249,7 +249,8 @@ class _ResponseRewriter:
             except ValueError:
                 doc = None
             if isinstance(doc, dict):
-                out = json.dumps(await annotate(self.plan, doc, whole=True)).encode()
+                out = json.dumps(await annotate(self.plan, doc, whole=True),
+                                 separators=(",", ":")).encode()
             headers = [(k, v) for k, v in self.start.get("headers", [])
                        if k.lower() != b"content-length"]
             headers.append((b"content-length", str(len(out)).encode()))
@@ -287,7 +288,7 @@ class _ResponseRewriter:
         if not isinstance(doc, dict) or "choices" not in doc:
             return ev
         doc = await annotate(self.plan, doc, whole=False)
-        return b"data: " + json.dumps(doc).encode()
+        return b"data: " + json.dumps(doc, separators=(",", ":")).encode()
 
 
 # ------------------------------------------------------------------------------ routes

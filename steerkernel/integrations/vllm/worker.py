@@ -70,6 +70,7 @@ class _Request:
     fetched: bool = False          # the caller already took the report
     # readings and alarm actions (.readings): asked for in the request's extra_args
     report_cols: Optional[Tuple[Tuple[int, int], ...]] = None  # (layer pos, concept) columns
+    report_pick: Any = None        # ReadingsPick for those columns
     stream: Optional[str] = None   # the server's response tag (rows go out only with one)
     action: Any = None             # AlarmAction
     switched: Optional[CompiledProgram] = None  # program once a steer action fires
@@ -122,6 +123,24 @@ def unpack_tensor(d) -> Optional[Tensor]:
     dt = _DTYPES[d["dtype"]]
     arr = np.frombuffer(bytes(d["data"]), dtype=str(dt).replace("torch.", ""))
     return torch.from_numpy(arr.copy()).reshape(d["shape"]).to(dt)
+
+
+class ReadingsPick:
+    """The z rows a request asked for, from monitor rows: ``pick(rows [L, n, K], lo)`` ->
+    ``n - lo`` lists of C z-scores (6 decimals), columns ``cols`` = (layer pos, concept).
+    numpy on the host copy: a decode step's row costs a few microseconds."""
+
+    __slots__ = ("li", "ci", "mu", "sd")
+
+    def __init__(self, cols, mu: Tensor, sd: Tensor):
+        self.li = np.array([c[0] for c in cols], dtype=np.int64)
+        self.ci = np.array([c[1] for c in cols], dtype=np.int64)
+        self.mu = mu.numpy()[self.li, self.ci][:, None]
+        self.sd = sd.numpy()[self.li, self.ci][:, None]
+
+    def __call__(self, rows: Tensor, lo: int = 0) -> List[list]:
+        raw = rows.numpy()[self.li, lo:, self.ci]  # [C, m]: the index arrays broadcast first
+        return np.round(((raw - self.mu) / self.sd).T, 6).tolist()
 
 
 class _Site:
@@ -341,7 +360,9 @@ class WorkerState:
                 r.error = f"{type(e).__name__}: {e}"
             else:
                 if self.monitor is not None and r.monitor:
-                    r.report_cols = opts.report.cols if opts.report is not None else None
+                    if opts.report is not None:
+                        r.report_cols = opts.report.cols
+                        r.report_pick = ReadingsPick(opts.report.cols, self._mu, self._sd)
                     r.action, r.switched = opts.action, opts.switched
                     r.stream = args.stream
         if r.error is not None:
@@ -547,13 +568,9 @@ class WorkerState:
         lo = max(0, -start)
         if lo >= n:
             return
-        li = torch.tensor([c[0] for c in r.report_cols])
-        ci = torch.tensor([c[1] for c in r.report_cols])
-        raw = rows[:, lo:, :][li, :, ci]  # [C, m] (the two index tensors broadcast first)
-        z = ((raw - self._mu[li, ci][:, None]) / self._sd[li, ci][:, None]).T  # [m, C]
         if not r.outbox_rows:
             r.outbox_j0 = start + lo
-        r.outbox_rows.extend([[round(v, 6) for v in row] for row in z.tolist()])
+        r.outbox_rows.extend(r.report_pick(rows, lo))
 
     def _tap_alarm(self, ev) -> None:
         r = self._req_by_key(ev.request_id)
