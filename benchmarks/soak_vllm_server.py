@@ -107,6 +107,8 @@ PROMPTS = [
 MAX_TOKENS = [48, 96, 72, 128, 64, 112, 56, 88]
 QUICK_MAX_TOKENS = [20, 32, 24, 40, 28, 36, 16, 44]
 ALARM_RULE = "fear z > 2.5 for 4"
+#: steerkernel_report options of the clients that stream readings back
+REPORTS = ["all", "calm,fear@20", "sad@10-14,bold"]
 HEALTH_LATENCY_MAX_S = 5.0      # /health must answer within this, under load
 HOSTILE_LATENCY_MAX_S = 5.0     # a hostile request must be refused within this, under load
 #: memory is "flat" when the RSS fitted over the second half of the load phase grows by less
@@ -431,7 +433,9 @@ class Harness:
                     "endpoint": "chat" if c % 2 == 0 else "completions",
                     # raw completions of a question often end at once (EOS): those run to
                     # max_tokens, the chat ones end where the model ends them
-                    "ignore_eos": c % 2 == 1, "max_tokens": mt[(c + pi) % len(mt)]}
+                    "ignore_eos": c % 2 == 1, "max_tokens": mt[(c + pi) % len(mt)],
+                    # every third client also streams readings back (issue 12)
+                    "report": REPORTS[c // 3 % len(REPORTS)] if c % 3 == 2 else None}
 
     def now(self) -> float:
         return round(time.monotonic() - self.t0, 3)
@@ -446,11 +450,14 @@ class Harness:
         xargs = {"steerkernel": spec["program"], "steerkernel_id": rid}
         if monitor is not None:
             xargs["steerkernel_monitor"] = monitor
+        if spec.get("report") and monitor is not False:
+            xargs["steerkernel_report"] = spec["report"]
         extra = {"vllm_xargs": xargs, "return_token_ids": True,
                  "ignore_eos": bool(spec.get("ignore_eos"))}
         rec = {"id": rid, "spec": spec.get("key"), "kind": kind, "status": None, "tokens": [],
                "text": "", "finish_reason": None, "usage": None, "t_start": self.now(),
-               "cut_after": cut_after, "monitor": monitor is not False}
+               "cut_after": cut_after, "monitor": monitor is not False,
+               "report": xargs.get("steerkernel_report"), "rows": 0, "missing": None}
         common = dict(model=MODEL_NAME, max_tokens=spec["max_tokens"], temperature=0.0,
                       stream=True, stream_options={"include_usage": True}, extra_body=extra)
         stream = None
@@ -474,6 +481,11 @@ class Harness:
                         rec["text"] += (ch.delta.content or "") if ch.delta else ""
                     else:
                         rec["text"] += ch.text or ""
+                    sk = (ch.model_extra or {}).get("steerkernel")
+                    if sk:
+                        rec["rows"] += len(sk.get("z") or [])
+                        if "missing" in sk:
+                            rec["missing"] = sk["missing"]
                     if ch.finish_reason:
                         rec["finish_reason"] = ch.finish_reason
                     if "t_first" not in rec and (ids or rec["text"]):
@@ -842,6 +854,18 @@ def client_errors(records: List[dict]) -> dict:
             "transport_limit": limit, "ok": not other and len(transport) <= limit}
 
 
+def readings_check(records: List[dict]) -> dict:
+    """Requests that asked for readings and finished normally: one row per token, none
+    missing."""
+    asked = [r for r in records if r.get("report") and r["kind"] == "normal"
+             and r["status"] == 200 and r.get("finish_reason")]
+    bad = [{k: r.get(k) for k in ("id", "report", "rows", "missing")} | {
+        "tokens": len(r["tokens"])} for r in asked
+        if r["rows"] != len(r["tokens"]) or r.get("missing") != 0]
+    return {"checked": len(asked), "bad": bad[:20], "n_bad": len(bad),
+            "ok": bool(asked) and not bad}
+
+
 def summarize_records(records: List[dict]) -> dict:
     kinds: Dict[str, Dict[str, int]] = {}
     for r in records:
@@ -853,7 +877,7 @@ def summarize_records(records: List[dict]) -> dict:
                                      "t_start", "t_end")}
               for r in records if r["status"] not in (200, 429, "cancelled")]
     return {"requests": len(records), "by_kind_and_status": kinds, "errors": errors[:20],
-            "client_errors": client_errors(records),
+            "client_errors": client_errors(records), "readings": readings_check(records),
             "normal_finished": sum(1 for r in fin if r.get("finish_reason")),
             "normal_without_finish": sum(1 for r in fin if not r.get("finish_reason")),
             "refused_429": sum(1 for r in records if r["status"] == 429),
@@ -1200,6 +1224,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     "memory_flat": doc["rss"]["ok"],
                     "tokens_equal_alone": res["solo"]["ok"],
                     "no_client_errors": res["requests"]["client_errors"]["ok"],
+                    "readings_complete": res["requests"]["readings"]["ok"],
                     "server_alive": server.proc.poll() is None,
                     # documented request key sent as JSON false (vLLM turns it into 0)
                     "monitor_false_over_http": res["monitor_false_over_http"]["ok"],

@@ -246,3 +246,23 @@ def check_backend(case: JunctionCase, backend: str) -> None:
         other = torch.ones(case.scores_buffer.shape[1], dtype=torch.bool)
         other[case.scores_index] = False
         assert torch.isnan(got["scores_buffer"][:, other]).all(), f"[{backend}] wrote outside scores"
+
+
+def host_matmul_is_shape_invariant() -> bool:
+    """Whether numpy's fp32 matmul on this host gives a row the same bits whatever the number
+    of rows it is multiplied with.  Triton's CPU interpreter runs ``tl.dot`` as numpy matmul,
+    so the Triton kernel's bit-identity across row tiles and paths (a property of the GPU's
+    MMA, docs/design.md §2) can only be checked under the interpreter where this holds: BLAS
+    kernels on some CPUs (OpenBLAS without AVX-512, seen on an AMD EPYC) sum a row in an
+    order that depends on the matrix shape."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for k, n in ((96, 16), (576, 64), (200, 176)):
+        a = rng.standard_normal((128, k)).astype(np.float32)
+        b = rng.standard_normal((k, n)).astype(np.float32)
+        ref = a[:16] @ b
+        for m in (32, 64, 128):
+            if not np.array_equal((a[:m] @ b)[:16], ref):
+                return False
+    return True

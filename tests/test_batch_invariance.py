@@ -8,6 +8,8 @@ Each backend is compared with *itself* here, bit for bit (the comparison with th
 within tolerances, is in test_junction.py / test_properties.py).
 """
 import pytest
+
+from steerkernel.testing import host_matmul_is_shape_invariant
 import torch
 
 from steerkernel import backends
@@ -70,6 +72,10 @@ def _call(backend, pool, rows, thr):
 @pytest.mark.parametrize("d,K", [(96, 16), (576, 40)])
 def test_row_results_do_not_depend_on_batch(backend, dtype, d, K):
     device = _device(backend)
+    if backend == "triton" and device == "cpu" and not host_matmul_is_shape_invariant():
+        pytest.skip("Triton interpreter on a host whose numpy matmul sums a row in a "
+                    "shape-dependent order (steerkernel.testing.host_matmul_is_shape_invariant)"
+                    ": bit identity is the GPU kernel's property, not checkable here")
     gen = torch.Generator().manual_seed(1000 * d + K)
     T_max, P = max(BATCH_SIZES), 4
     pool = _inputs(T_max, d, K, P, dtype, gen, device)

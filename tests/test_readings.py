@@ -285,6 +285,12 @@ def test_plan_request_pass_through_and_errors(served_book):
     status, err = plan_request(json.dumps({"n": 2, "vllm_xargs": {
         "steerkernel_report": "calm"}}).encode())
     assert status == 400 and b"n=1" in err
+    status, err = plan_request(json.dumps({"echo": True, "vllm_xargs": {
+        "steerkernel_report": "calm"}}).encode())
+    assert status == 400 and b"echo needs return_token_ids" in err
+    plan, body = plan_request(json.dumps({"echo": True, "return_token_ids": True, "vllm_xargs": {
+        "steerkernel_report": "calm"}}).encode())
+    assert plan is not None and plan.strip_ids is False
     status, err = plan_request(json.dumps({"vllm_xargs": {
         "steerkernel_report": "nope"}}).encode())
     assert status == 400 and b"'nope' is not in the bank" in err

@@ -31,6 +31,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from steerkernel.testing import host_matmul_is_shape_invariant  # noqa: E402
+
 from steerkernel import backends  # noqa: E402
 from steerkernel.ops.reference import junction_reference_  # noqa: E402
 from steerkernel.testing import (SCORE_TOLERANCES, TOLERANCES, assert_close,  # noqa: E402
@@ -363,6 +365,10 @@ def test_paths_give_a_row_the_same_bits(dtype, d, K):
     """A row's scores, norm, out and residual are the same bits on both paths, alone or in a
     batch of 130 rows (three row tiles) at any position (design.md §2); so are the gate
     decisions, which compare those scores (the latch after the batch)."""
+    if DEVICE == "cpu" and not host_matmul_is_shape_invariant():
+        pytest.skip("Triton interpreter on a host whose numpy matmul sums a row in a "
+                    "shape-dependent order (steerkernel.testing.host_matmul_is_shape_invariant)"
+                    ": bit identity is the GPU kernel's property, not checkable here")
     P, T = 4, 130
     pool = _pool(T, d, K, P, dtype, seed=d + K)
     thr = torch.zeros(P, device=DEVICE)

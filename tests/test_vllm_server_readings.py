@@ -259,6 +259,26 @@ def test_token_ids_not_added_unless_asked(client):
     assert plain.choices[0].text == ch.text
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_several_prompts_each_choice_gets_its_own_rows(client, stream):
+    prompts = ["Hello, my name is", "The sky is"]
+    kw = dict(model=MODEL_NAME, prompt=prompts, max_tokens=4, temperature=0, stream=stream,
+              extra_body=dict(xargs("calm=+0.3", "calm,fear@20"), return_token_ids=True))
+    got: dict = {}
+    for item in (client.completions.create(**kw) if stream else
+                 [client.completions.create(**kw)]):
+        for ch in item.choices:
+            g = got.setdefault(ch.index, {"tokens": [], "z": []})
+            g["tokens"] += list((ch.model_extra or {}).get("token_ids") or
+                                getattr(ch, "token_ids", None) or [])
+            g["z"] += sk(ch)["z"]
+    for i, prompt in enumerate(prompts):
+        alone = run(client, prompt, "calm=+0.3", "calm,fear@20", max_tokens=4)
+        assert got[i]["tokens"] == alone["tokens"], i
+        np.testing.assert_allclose(np.asarray(got[i]["z"]), np.asarray(alone["z"]),
+                                   rtol=ROW_RTOL, atol=ROW_ATOL)
+
+
 # ------------------------------------------------------------------------------ concurrency
 SPECS = [
     (prompt, program, report, chat)
@@ -409,6 +429,7 @@ def test_steer_on_alarm_switches_program_from_the_next_token(client, alarm_base,
 # ------------------------------------------------------------------------------ bad requests
 BAD = [
     ("unknown concept", dict(report="clam"), "concept 'clam' is not in the bank"),
+    ("echo without token ids", dict(report="calm", echo=True), "echo needs return_token_ids"),
     ("layer not monitored", dict(report="calm@99"), "layer 99 is not monitored"),
     ("bad item", dict(report="calm@@3"), "cannot read item"),
     ("empty report", dict(report=" "), "is empty"),
@@ -424,8 +445,9 @@ BAD = [
 
 @pytest.mark.parametrize("name,args,why", BAD, ids=[b[0] for b in BAD])
 def test_bad_options_are_400_with_reason(http, name, args, why):
-    more = {k: v for k, v in args.items() if k not in ("report", "on_alarm")}
-    body = {"model": MODEL_NAME, "prompt": "Hi", "max_tokens": 2,
+    top = {k: v for k, v in args.items() if k == "echo"}  # request fields, not vllm_xargs
+    more = {k: v for k, v in args.items() if k not in ("report", "on_alarm", "echo")}
+    body = {"model": MODEL_NAME, "prompt": "Hi", "max_tokens": 2, **top,
             **xargs(None, args.get("report"), args.get("on_alarm"), **more)}
     r = http.post("/v1/completions", json=body)
     assert r.status_code == 400, (name, r.status_code, r.text)

@@ -35,7 +35,10 @@ def cxx_flags() -> List[str]:
     ``-fopenmp``: ``at::parallel_for`` is a header template and only runs threads in a file
     compiled with OpenMP (torch's own build uses it; the process keeps torch's one libgomp).
     """
-    flags = ["-O3", "-fno-math-errno"]
+    # -ffp-contract=off: a scalar ``a += b * c`` stays two roundings in every template
+    # instantiation (GCC would fuse it into an FMA in some and not others), so results never
+    # depend on which path a call takes (tests/test_properties.py aliasing laws; AVX2 hosts)
+    flags = ["-O3", "-fno-math-errno", "-ffp-contract=off"]
     if os.environ.get("STEERKERNEL_CPU_NATIVE") == "1":
         flags.append("-march=native")
     return flags + openmp_flags()

@@ -92,6 +92,12 @@ def plan_request(body: bytes):
     n = doc.get("n", 1)
     if n not in (None, 1):
         return _error(400, f"steerkernel: {EXTRA_REPORT} needs n=1 (got n={n!r})", "n")
+    if doc.get("echo") and not doc.get("return_token_ids"):
+        # vLLM drops the echoed prompt text when return_token_ids is on, which this middleware
+        # would have to turn on to count each chunk's tokens: the client must choose
+        return _error(400, f"steerkernel: {EXTRA_REPORT} with echo needs return_token_ids "
+                           "true (vLLM then returns the prompt as prompt_token_ids, not text)",
+                      "echo")
     try:
         bank = load_bank(cfg.bank)
         spec = parse_report_spec(xargs[EXTRA_REPORT], bank.names, [int(x) for x in bank.layers])
