@@ -79,6 +79,14 @@ class ReportSpec:
 _ITEM = re.compile(r"^\s*([^@,\s]+)\s*(?:@\s*(\*|\d{1,6}(?:\s*-\s*\d{1,6})?))?\s*$")
 
 
+def _check_text(key: str, text, limit: int, example: str) -> None:
+    """A request option must be a string of at most ``limit`` characters (checked first)."""
+    if isinstance(text, bool) or not isinstance(text, str):
+        raise SpecError(f"{key} must be a string {example}, got {type(text).__name__}")
+    if len(text) > limit:
+        raise SpecError(f"{key} is {len(text)} characters long (limit {limit})")
+
+
 def default_layer(layers: Sequence[int]) -> int:
     """The layer an item without ``@`` reads: the middle monitored layer (as alarm rules)."""
     return int(layers[len(layers) // 2])
@@ -87,12 +95,7 @@ def default_layer(layers: Sequence[int]) -> int:
 def parse_report_spec(text, names: Sequence[str], layers: Sequence[int]) -> ReportSpec:
     """``"all"`` / ``"calm,desperate@18"`` / ``"fear@10-20"`` / ``"all@*"`` -> columns.
     :class:`SpecError` names the bad item (unknown concept, layer not monitored, too many)."""
-    if isinstance(text, bool) or not isinstance(text, str):
-        raise SpecError(f"{EXTRA_REPORT} must be a string such as \"all\" or "
-                        f"\"calm,desperate@18\", got {type(text).__name__}")
-    if len(text) > MAX_REPORT_CHARS:
-        raise SpecError(f"{EXTRA_REPORT} is {len(text)} characters long "
-                        f"(limit {MAX_REPORT_CHARS})")
+    _check_text(EXTRA_REPORT, text, MAX_REPORT_CHARS, 'such as "all" or "calm,desperate@18"')
     if not text.strip():
         raise SpecError(f"{EXTRA_REPORT} is empty; use \"all\" or concept names")
     names, layers = list(names), [int(x) for x in layers]
@@ -162,12 +165,7 @@ def parse_alarm_action(text, rule_concepts: Sequence[str]) -> AlarmAction:
     it).  The steer program is parsed here, compiled against the bank by the caller."""
     from ...steering import Program
 
-    if isinstance(text, bool) or not isinstance(text, str):
-        raise SpecError(f"{EXTRA_ON_ALARM} must be a string (\"stop\" or \"steer PROGRAM\"), "
-                        f"got {type(text).__name__}")
-    if len(text) > MAX_ACTION_CHARS:
-        raise SpecError(f"{EXTRA_ON_ALARM} is {len(text)} characters long "
-                        f"(limit {MAX_ACTION_CHARS})")
+    _check_text(EXTRA_ON_ALARM, text, MAX_ACTION_CHARS, '("stop" or "steer PROGRAM")')
     m = _ACTION.match(text)
     if m is None:
         raise SpecError(f"{EXTRA_ON_ALARM}: cannot read {quote_input(text)}; expected "
