@@ -62,7 +62,7 @@ if [ "$(cat "$deps_file" 2>/dev/null)" != "$deps_stamp" ]; then
     "$PY" -m pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
   fi
   # The package's own and every optional group's requirements, at pyproject.toml's bounds.
-  mapfile -t reqs < <(pin --requirements core hf plots monitor test)
+  mapfile -t reqs < <(pin --requirements core hf plots monitor eval test)
   pipi "${reqs[@]}"
   echo "$deps_stamp" > "$deps_file"
 fi

@@ -3,10 +3,11 @@ embedded default model, end to end.
 
 1. load the model (the embedded SmolLM2-135M-Instruct unless told otherwise);
 2. build or load the cached emotion bank (:func:`steerkernel.concepts.default.default_bank`)
-   and plot the concept space (PC1 x PC2 of the 26 emotion directions: the circumplex);
+   and plot the concept space (PC1 x PC2 of the emotion directions: the circumplex);
 3. run the built-in scenarios (``steerkernel/data/scenarios.json``: an agent failing under a
    deadline, a grieving user, ...) twice in one batch -- unsteered and steered (default: more
-   calm, less desperate, at the middle third of the layers) -- monitoring every layer;
+   calm, less desperate, at the strengths and layers ``steerkernel calibrate`` recommended for
+   the bank, else 0.02 at the middle third of the layers) -- monitoring every layer;
 4. print per-token emotion traces (z-scores at the bank's default layer) and write the
    trajectory plots;
 5. show side by side what steering changed: the two texts, and the mean z of the watched
@@ -56,6 +57,20 @@ def default_program(n_layers: int, strength: float = 0.02) -> str:
     of each layer's mean residual norm, added at every layer of the range)."""
     r = steer_layers(n_layers)
     return f"calm=+{strength:g}@{r}; desperate=-{strength:g}@{r}"
+
+
+def calibrated_program(bank, n_layers: int) -> Optional[str]:
+    """``calm=+a@A; desperate=-b@B`` from the strengths :func:`steerkernel.eval.calibrate`
+    recommended for this bank (``metadata["concepts"][name]["recommended"]``), or None when
+    either concept has none."""
+    recs = {}
+    for name in ("calm", "desperate"):
+        rec = bank.recommended(name) if name in bank.names else None
+        if rec is None:
+            return None
+        recs[name] = (rec["strength"], rec.get("layers") or steer_layers(n_layers))
+    return (f"calm=+{recs['calm'][0]:g}@{recs['calm'][1]}; "
+            f"desperate=-{recs['desperate'][0]:g}@{recs['desperate'][1]}")
 
 
 def user_span(tokenizer, messages: Sequence[dict], n_prompt: int) -> tuple:
@@ -341,7 +356,13 @@ def run_demo(out_dir: str = "steerkernel-demo", *, model=None, tokenizer=None, b
             plot_circumplex(bank, files["circumplex"], layer)
 
     # 3. generate: every scenario unsteered and steered, in one batch
-    program = program or default_program(n_layers)
+    if program is None:
+        program = calibrated_program(bank, n_layers)
+        source = "calibrated strengths (steerkernel calibrate)" if program else \
+            "default strengths (this bank has no calibrated ones)"
+        program = program or default_program(n_layers)
+    else:
+        source = "given"
     compile_program(program, bank)  # unknown concepts / layers: fail before generating
     prompts, spans = [], []
     for s in chosen:
@@ -349,8 +370,8 @@ def run_demo(out_dir: str = "steerkernel-demo", *, model=None, tokenizer=None, b
         prompts.append(ids)
         spans.append(user_span(tokenizer, s["messages"], len(ids)))
     mode = "greedy" if temperature == 0 else f"temperature {temperature:g}"
-    echo(f"[3/5] generating {len(chosen)} scenario(s) x (unsteered, steered with '{program}'), "
-         f"up to {max_new_tokens} tokens each, {mode}, repetition penalty "
+    echo(f"[3/5] generating {len(chosen)} scenario(s) x (unsteered, steered with '{program}': "
+         f"{source}), up to {max_new_tokens} tokens each, {mode}, repetition penalty "
          f"{repetition_penalty:g} ...")
     t0 = time.perf_counter()
     B = len(chosen)
@@ -469,7 +490,8 @@ def run_demo(out_dir: str = "steerkernel-demo", *, model=None, tokenizer=None, b
     wall = time.perf_counter() - t_start
     summary = {
         "model": str(shown_name), "layers": n_layers, "bank": repr(bank),
-        "layer": layer, "program": program, "max_new_tokens": max_new_tokens,
+        "layer": layer, "program": program, "program_source": source,
+        "max_new_tokens": max_new_tokens,
         "temperature": temperature, "repetition_penalty": repetition_penalty, "seed": seed,
         "geometry": geometry, "generation_seconds": round(t_gen, 2),
         "generated_tokens": n_tok, "wall_seconds": round(wall, 2), "files": files,

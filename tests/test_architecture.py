@@ -36,6 +36,7 @@ PARTS = {
     "steerkernel.fileio": "base",
     "steerkernel.limits": "base",
     "steerkernel.introspect": "base",
+    "steerkernel.stats": "base",
     "steerkernel.models": "base",
     "steerkernel.data": "base",
     # kernels: the junction op, its reference, its registrations and backends
@@ -56,6 +57,7 @@ PARTS = {
     # applications
     "steerkernel.live": "apps",
     "steerkernel.demo": "apps",
+    "steerkernel.eval": "apps",
     "steerkernel.cli": "cli",
     "steerkernel.__main__": "cli",
 }

@@ -9,6 +9,7 @@ cache key includes the recipe) in a temporary cache.
 """
 import json
 import os
+from importlib.resources import files
 import subprocess
 import sys
 
@@ -22,6 +23,9 @@ from fixtures_models import needs_smollm2, tiny_llama, tiny_model_dir  # noqa: F
 
 REAL_CACHE = os.environ.get("STEERKERNEL_CACHE")
 PNG = b"\x89PNG\r\n\x1a\n"
+#: emotions in the built-in corpus
+N_BUILTIN = len(json.loads((files("steerkernel") / "data" / "emotions.json").read_text())
+                ["emotions"])
 
 
 def call(argv):
@@ -147,7 +151,7 @@ def test_default_bank_is_built_once_and_cached(tiny):
     path = default_bank_path(model)
     assert path.startswith(os.environ["STEERKERNEL_CACHE"])
     bank = default_bank(model, tok, progress=False)
-    assert os.path.isfile(path) and bank.K == 26 and bank.layers == [0, 1, 2, 3]
+    assert os.path.isfile(path) and bank.K == N_BUILTIN and bank.layers == [0, 1, 2, 3]
     mtime = os.path.getmtime(path)
     again = default_bank(model, tok, progress=False)
     assert os.path.getmtime(path) == mtime and torch.equal(again.directions, bank.directions)
@@ -205,7 +209,7 @@ def test_monitor_scenario_on_the_default_bank(tiny, capsys):
                "--max-new-tokens", "3", "--no-progress"])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "bank 26 concepts x 4 layers" in out
+    assert f"bank {N_BUILTIN} concepts x 4 layers" in out
     assert os.listdir(os.path.join(os.environ["STEERKERNEL_CACHE"], "banks"))
 
 
@@ -323,9 +327,11 @@ def test_demo_quick_on_the_default_model(tmp_path, capsys, monkeypatch):
     assert rc == 0
     out = capsys.readouterr().out
     assert "SmolLM2-135M-Instruct (30 layers, d=576)" in out
-    assert "26 concepts x 30 layers" in out
-    assert "calm=+0.02@8-21; desperate=-0.02@8-21" in out
+    assert f"{N_BUILTIN} concepts x 30 layers" in out
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    # the shipped calibration of the embedded model is used (data/calibrated_strengths.json)
+    assert summary["program_source"].startswith("calibrated strengths")
+    assert summary["program"] in out
     scen = summary["scenarios"][0]
     assert scen["name"] == "deadline_agent" and scen["baseline_text"] and scen["steered_text"]
     for c in ("calm", "desperate", "afraid"):

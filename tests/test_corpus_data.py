@@ -61,9 +61,93 @@ FORBIDDEN = {
                 "humiliation"],
     "disappointed": ["disappoint", "disappointed", "disappointing", "disappointment",
                      "letdown"],
+    # the 81 emotions added to grow the corpus past 100 concepts
+    "anxious": ["anxious", "anxiously", "anxiety", "anxieties"],
+    "terrified": ["terrified", "terrify", "terrifies", "terrifying", "terror", "petrified"],
+    "panicked": ["panicked", "panic", "panics", "panicking", "panicky"],
+    "horrified": ["horrified", "horrify", "horrifying", "horror", "horrific"],
+    "worried": ["worried", "worriedly", "worry", "worries", "worrying"],
+    "insecure": ["insecure", "insecurely", "insecurity", "insecurities"],
+    "guilty": ["guilty", "guiltily", "guilt"],
+    "embarrassed": ["embarrassed", "embarrass", "embarrassing", "embarrassment"],
+    "humiliated": ["humiliated", "humiliate", "humiliating", "humiliation"],
+    "regretful": ["regretful", "regretfully", "regret", "regrets", "regretted"],
+    "remorseful": ["remorseful", "remorsefully", "remorse"],
+    "grieving": ["grieving", "grieve", "grieves", "grieved", "grief", "mourning"],
+    "heartbroken": ["heartbroken", "heartbreak", "heartbreaking", "brokenhearted"],
+    "miserable": ["miserable", "miserably", "misery", "wretched"],
+    "hopeless": ["hopeless", "hopelessly", "hopelessness", "despair"],
+    "helpless": ["helpless", "helplessly", "helplessness", "powerless"],
+    "depressed": ["depressed", "depression", "depressing", "despondent"],
+    "melancholy": ["melancholy", "melancholic"],
+    "gloomy": ["gloomy", "gloomily", "gloom", "glum"],
+    "hurt": ["hurt", "hurts", "hurting", "hurtful", "wounded"],
+    "betrayed": ["betrayed", "betray", "betrays", "betrayal"],
+    "resentful": ["resentful", "resentfully", "resent", "resented", "resentment"],
+    "bitter": ["bitter", "bitterly", "bitterness", "embittered"],
+    "furious": ["furious", "furiously", "fury", "enraged", "livid"],
+    "irritated": ["irritated", "irritate", "irritating", "irritation", "irked"],
+    "annoyed": ["annoyed", "annoy", "annoys", "annoying", "annoyance"],
+    "hostile": ["hostile", "hostility", "antagonistic"],
+    "contemptuous": ["contemptuous", "contemptuously", "contempt", "scornful", "disdainful"],
+    "envious": ["envious", "enviously", "envy", "covetous"],
+    "suspicious": ["suspicious", "suspiciously", "suspicion", "distrustful"],
+    "defensive": ["defensive", "defensively", "defensiveness"],
+    "stubborn": ["stubborn", "stubbornly", "stubbornness", "obstinate", "headstrong"],
+    "impatient": ["impatient", "impatiently", "impatience"],
+    "restless": ["restless", "restlessly", "restlessness", "fidgety"],
+    "stressed": ["stressed", "stress", "stressful"],
+    "overwhelmed": ["overwhelmed", "overwhelm", "overwhelming", "swamped"],
+    "exhausted": ["exhausted", "exhausting", "exhaustion"],
+    "vulnerable": ["vulnerable", "vulnerability"],
+    "confused": ["confused", "confuse", "confusing", "confusion", "puzzled", "bewildered"],
+    "skeptical": ["skeptical", "skeptically", "skeptic", "skepticism", "doubtful"],
+    "curious": ["curious", "curiously", "curiosity", "inquisitive"],
+    "interested": ["interested", "interest", "interesting"],
+    "fascinated": ["fascinated", "fascinate", "fascinating", "fascination", "captivated"],
+    "inspired": ["inspired", "inspire", "inspiring", "inspiration"],
+    "determined": ["determined", "determination", "resolute"],
+    "confident": ["confident", "confidently", "confidence"],
+    "brave": ["brave", "bravely", "bravery", "courageous", "courage", "fearless"],
+    "enthusiastic": ["enthusiastic", "enthusiastically", "enthusiasm"],
+    "eager": ["eager", "eagerly", "eagerness"],
+    "joyful": ["joyful", "joyfully", "joy", "joyous", "elated"],
+    "cheerful": ["cheerful", "cheerfully", "cheer", "cheery"],
+    "playful": ["playful", "playfully", "playfulness"],
+    "ecstatic": ["ecstatic", "ecstatically", "ecstasy", "euphoric"],
+    "triumphant": ["triumphant", "triumphantly", "triumph", "victorious"],
+    "blissful": ["blissful", "blissfully", "bliss"],
+    "delighted": ["delighted", "delight", "delightful", "thrilled"],
+    "satisfied": ["satisfied", "satisfy", "satisfying", "satisfaction"],
+    "peaceful": ["peaceful", "peacefully", "peace", "tranquil"],
+    "relaxed": ["relaxed", "relax", "relaxing", "relaxation"],
+    "safe": ["safe", "safely", "safety", "secure"],
+    "comforted": ["comforted", "comfort", "comforting", "consoled", "soothed"],
+    "tender": ["tender", "tenderly", "tenderness"],
+    "affectionate": ["affectionate", "affectionately", "affection", "fond", "fondness"],
+    "compassionate": ["compassionate", "compassionately", "compassion"],
+    "sympathetic": ["sympathetic", "sympathetically", "sympathy", "sympathize"],
+    "kind": ["kind", "kindly", "kindness", "kindhearted"],
+    "trusting": ["trusting", "trust", "trusts", "trusted", "trustful"],
+    "admiring": ["admiring", "admire", "admires", "admired", "admiration"],
+    "awestruck": ["awestruck", "awe", "awed"],
+    "amazed": ["amazed", "amaze", "amazing", "amazement", "astonished"],
+    "moved": ["moved", "touched"],
+    "sentimental": ["sentimental", "sentimentally", "sentiment", "sentimentality"],
+    "wistful": ["wistful", "wistfully", "wistfulness"],
+    "shy": ["shy", "shyly", "shyness", "timid"],
+    "indifferent": ["indifferent", "indifferently", "indifference", "unconcerned"],
+    "apathetic": ["apathetic", "apathy", "listless"],
+    "numb": ["numb", "numbly", "numbness"],
+    "sleepy": ["sleepy", "sleepily", "sleepiness", "drowsy", "drowsiness"],
+    "lazy": ["lazy", "lazily", "laziness"],
+    "vengeful": ["vengeful", "vengeance", "revenge", "avenge", "vindictive"],
+    "spiteful": ["spiteful", "spitefully", "spite", "malicious"],
 }
 
-MIN_TEXTS = 32        # every emotion has exactly this many texts or more
+MIN_TEXTS = 20        # every emotion has this many texts or more ...
+MIN_TEXTS_FIRST = 32  # ... and the first 26 (the original set, FORBIDDEN's first block) 32
+N_FIRST = 26
 MIN_NEUTRAL = 120
 MIN_WORDS, MAX_WORDS = 12, 40   # per text, emotions, neutral and series alike
 
@@ -113,9 +197,9 @@ def test_top_level_schema(corpus):
 
 def test_emotion_entries(corpus):
     emotions = corpus["emotions"]
-    assert len(emotions) >= 24
+    assert len(emotions) >= 100   # the concept space is not drawn from a handful of points
     assert all(name in emotions for name in CORE)
-    for name, entry in emotions.items():
+    for i, (name, entry) in enumerate(emotions.items()):
         assert re.fullmatch(r"[a-z]+", name), name
         assert set(entry) == {"valence", "arousal", "texts"}, name
         for key in ("valence", "arousal"):
@@ -123,7 +207,8 @@ def test_emotion_entries(corpus):
             assert isinstance(x, (int, float)) and not isinstance(x, bool), (name, key)
             assert math.isfinite(x) and -1.0 <= x <= 1.0, (name, key, x)
         assert isinstance(entry["texts"], list)
-        assert len(entry["texts"]) >= MIN_TEXTS, (name, len(entry["texts"]))
+        least = MIN_TEXTS_FIRST if i < N_FIRST else MIN_TEXTS
+        assert len(entry["texts"]) >= least, (name, len(entry["texts"]))
         assert all(isinstance(t, str) and t.strip() == t and t for t in entry["texts"]), name
 
 
@@ -222,7 +307,8 @@ def test_loads_through_the_library(corpus):
     assert c.series["rising_danger"] == corpus["rising_danger"]
     assert c.extras["calm"]["arousal"] == corpus["emotions"]["calm"]["arousal"]
     train, held = c.split()
-    assert all(len(held[n]) >= 6 and len(train.texts[n]) >= 25 for n in c.names)
+    assert all(len(held[n]) >= 4 and len(train.texts[n]) >= 16 for n in c.names)
+    assert all(len(held[n]) >= 6 for n in c.names[:N_FIRST])
 
 
 # ---------------------------------------------------------------------------- scenarios.json

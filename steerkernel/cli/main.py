@@ -19,8 +19,12 @@ COMMANDS = {
     "demo": "run the built-in emotion monitoring + steering demo on the default model",
     "extract": "extract a concept bank from a model and a corpus",
     "score": "score texts against a concept bank (mean projection per concept)",
+    "space": "concept-space geometry per layer: PC1/PC2 vs valence/arousal, with CIs",
     "monitor": "stream a generation with a live per-token table of the top concepts",
     "generate": "generate text with optional steering (--steer calm=+0.05)",
+    "eval": "dose-response of steering: independent judge, coherence cost, monitor reading",
+    "calibrate": "find each concept's recommended steering strength and store it in the bank",
+    "probe": "behavioural A/B probe: p(harmful choice) under steering, with CIs",
     "bench": "run the benchmark suite",
     "doctor": "show which backends, extensions and models are available here",
 }

@@ -233,6 +233,16 @@ class ConceptBank:
             raise UnknownConceptError(f"unknown concept {name!r} (bank has: {shown})")
         return self.names.index(name)
 
+    def recommended(self, name: str) -> Optional[dict]:
+        """The steering strength ``steerkernel calibrate`` recommended for concept ``name``
+        (``{"strength", "layers", ...}`` from ``metadata["concepts"][name]["recommended"]``),
+        or None when it was not calibrated or no strength qualified."""
+        self.concept_index(name)
+        rec = ((self.metadata.get("concepts") or {}).get(name) or {}).get("recommended")
+        if not isinstance(rec, dict) or not isinstance(rec.get("strength"), (int, float)):
+            return None
+        return rec
+
     def z(self, scores: Tensor, layer: Optional[int] = None) -> Tensor:
         """z-scores ``(scores - baseline_mean[l]) / baseline_std[l]`` of ``scores [..., K]``
         (projections at decoder layer ``layer``); fp32, same shape."""

@@ -78,7 +78,7 @@ def default_bank(model=None, tokenizer=None, *, progress: bool = True, rebuild: 
         try:
             bank = ConceptBank.load(path)
             bank.check_fits(model)
-            return bank
+            return _with_shipped_strengths(model, bank)
         except (BankFormatError, ValueError) as e:
             warnings.warn(f"steerkernel: cached default bank {path} is unusable ({e}); "
                           "rebuilding it", stacklevel=2)
@@ -94,7 +94,37 @@ def default_bank(model=None, tokenizer=None, *, progress: bool = True, rebuild: 
                                      "corpus_sha256": _corpus_sha256(), "recipe": RECIPE}
     os.makedirs(os.path.dirname(path), exist_ok=True)
     bank.save(path)
+    return _with_shipped_strengths(model, bank)
+
+
+#: the project's own calibration of the embedded model (``steerkernel calibrate --record``)
+SHIPPED_STRENGTHS = "calibrated_strengths.json"
+
+
+def shipped_recommendations(model, bank: ConceptBank) -> dict:
+    """``{concept: recommended}`` from ``data/calibrated_strengths.json`` when ``model`` and the
+    built-in corpus are the ones it was measured on (fingerprint and corpus hash match), else
+    ``{}``.  Only concepts of ``bank`` are returned."""
+    from importlib import resources
+
+    ref = resources.files("steerkernel").joinpath("data", SHIPPED_STRENGTHS)
+    if not ref.is_file():
+        return {}
+    data = json.loads(ref.read_text(encoding="utf-8"))
+    if data.get("corpus_sha256") != _corpus_sha256() or \
+            data.get("model_fingerprint") != model_fingerprint(model):
+        return {}
+    return {c: r for c, r in (data.get("concepts") or {}).items() if c in bank.names}
+
+
+def _with_shipped_strengths(model, bank: ConceptBank) -> ConceptBank:
+    """Merge the project's calibrated strengths (:func:`shipped_recommendations`) into the
+    bank's metadata, in memory only (the cached file stays as extracted)."""
+    for name, rec in shipped_recommendations(model, bank).items():
+        entry = bank.metadata.setdefault("concepts", {}).setdefault(name, {})
+        entry.setdefault("recommended", rec)
     return bank
 
 
-__all__ = ["default_bank", "default_bank_path", "bank_cache_dir", "cache_key", "RECIPE"]
+__all__ = ["default_bank", "default_bank_path", "bank_cache_dir", "cache_key", "RECIPE",
+           "shipped_recommendations"]
