@@ -233,7 +233,8 @@ def test_evaluate_end_to_end(tiny_setup):
     assert zero["program"] is None and zero["effect"]["value"] == 0.0
     assert zero["ppl_ratio"]["value"] == pytest.approx(1.0)
     for r in res["strengths"]:
-        for key in ("judge", "effect", "monitor_z", "ppl", "repetition", "on_topic"):
+        for key in ("judge", "effect", "monitor_z", "ppl", "repetition", "on_topic",
+                    "topic_pmi"):
             v = r[key]
             assert v["n"] == 3 and v["lo"] <= v["value"] + 1e-12 <= v["hi"] + 2e-12, (key, v)
         assert r["ppl"]["value"] > 1

@@ -414,8 +414,9 @@ def test_builtin_corpus_schema():
     except FileNotFoundError:
         pytest.skip("steerkernel/data/emotions.json has not landed yet")
     eight = ["happy", "sad", "afraid", "angry", "calm", "desperate", "loving", "disgusted"]
-    assert len(c.names) >= 24 and all(n in c.names for n in eight)
-    assert all(len(c.texts[n]) >= 25 for n in c.names)
+    assert len(c.names) >= 100 and all(n in c.names for n in eight)
+    assert all(len(c.texts[n]) >= 20 for n in c.names)
+    assert all(len(c.texts[n]) >= 32 for n in eight)
     assert all(math.isfinite(c.extras[n]["valence"]) and math.isfinite(c.extras[n]["arousal"])
                for n in c.names)
     assert c.neutral and c.series.get("rising_danger")

@@ -79,5 +79,5 @@ def run(args) -> int:
         else:
             out.write(f"=> {printable(c)}: recommended strength {rec['strength']:g} @ "
                       f"{rec['layers']}: judge effect {ci(rec['effect'])}, perplexity x"
-                      f"{rec['ppl_ratio']['value']:.2f} ({r['reason']})\n\n")
+                      f"{rec['ppl_ratio']['value']:.2f}; {r['reason']}\n\n")
     return 0

@@ -132,12 +132,13 @@ def print_table(res: dict, out=sys.stdout) -> None:
               f" ({res['judge']['axis']}, expected {'+' if res['expected_sign'] > 0 else '-'}); "
               f"{s['n_prompts']} prompts x {s['samples']} samples, {s['max_new_tokens']} tokens, "
               f"T={s['temperature']:g}; 95% CIs over prompts\n")
-    out.write(f"{'strength':>9}  {'judge effect':<26}{'monitor dz':<26}{'ppl ratio':<24}"
-              f"{'repetition':<12}{'on-topic':<10}\n")
+    out.write(f"{'strength':>9}  {'judge effect':<26}{'monitor dz':<24}{'ppl ratio':<22}"
+              f"{'repetition':<12}{'on-topic':<10}{'topic PMI':<10}\n")
     for r in res["strengths"]:
-        out.write(f"{r['strength']:>9g}  {ci(r['effect']):<26}{ci(r['monitor_change'], '{:+.2f}'):<26}"
-                  f"{ci(r['ppl_ratio'], '{:.2f}'):<24}{r['repetition']['value']:<12.3f}"
-                  f"{r['on_topic']['value']:<10.2f}\n")
+        out.write(f"{r['strength']:>9g}  {ci(r['effect']):<26}"
+                  f"{ci(r['monitor_change'], '{:+.2f}'):<24}{ci(r['ppl_ratio'], '{:.2f}'):<22}"
+                  f"{r['repetition']['value']:<12.3f}{r['on_topic']['value']:<10.2f}"
+                  f"{r['topic_pmi']['value']:<10.2f}\n")
 
 
 def add_arguments(p) -> None:

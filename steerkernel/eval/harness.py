@@ -23,7 +23,9 @@ the mean over its samples; see :mod:`steerkernel.stats`):
       reply about the weekend is likelier after "plans for the weekend?" than after "my
       bicycle chain keeps slipping", and a reply that drifted into a reverie is about equally
       likely after any prompt.  The unsteered rate is the ceiling steered rates are read
-      against.
+      against.  ``topic_pmi`` is the graded version: the mean NLL after the distractors minus
+      the NLL after the own prompt, in nats per reply token (how much the own prompt explains
+      the reply beyond the others); it falls as a reply drifts, before the rate does.
 (c) **monitor** -- the bank's own reading: mean z of the concept over the reply tokens, re-read
     on the unsteered model at the bank's default layer (what ``steerkernel demo`` reports),
     shown beside (a), never instead of it.
@@ -199,7 +201,8 @@ def evaluate(model, tokenizer, bank, concept: str, strengths: Sequence[float], *
     ``{"concept", "layers", "judge", "expected_sign", "settings", "strengths": [per-strength
     dict], "examples", "machine", "seconds"}``; each per-strength dict holds ``judge``,
     ``effect``, ``monitor_z``, ``monitor_change``, ``ppl``, ``ppl_ratio``, ``repetition``,
-    ``on_topic`` as ``{"value", "lo", "hi", "n"}`` intervals (see the module docs).
+    ``on_topic``, ``topic_pmi`` as ``{"value", "lo", "hi", "n"}`` intervals (see the module
+    docs).
     """
     from ..live import chat_ids, check_sampling, generate_monitored
 
@@ -256,7 +259,9 @@ def evaluate(model, tokenizer, bank, concept: str, strengths: Sequence[float], *
         dnll, _ = _score_pairs(model, tokenizer, bank, pairs, k, li, batch_size, backend, bar)
     finally:
         bar.close()
-    on_topic = topic_matches(nll, dnll.reshape(len(rows), D)).astype(np.float64)
+    dnll = dnll.reshape(len(rows), D)
+    on_topic = topic_matches(nll, dnll).astype(np.float64)
+    pmi = dnll.mean(axis=1) - nll  # nats/token the own prompt explains beyond the others
 
     def per_prompt(values: np.ndarray) -> np.ndarray:  # [S, P] means over samples (NaN-aware)
         v = values.reshape(len(strengths), P, samples)
@@ -264,7 +269,7 @@ def evaluate(model, tokenizer, bank, concept: str, strengths: Sequence[float], *
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN prompt: stays NaN
             return np.nanmean(v, axis=2)
 
-    J, R, N, Z, T = (per_prompt(a) for a in (judged, rep, nll, mz, on_topic))
+    J, R, N, Z, T, M = (per_prompt(a) for a in (judged, rep, nll, mz, on_topic, pmi))
     s0 = strengths.index(0.0)
     table = []
     for si, s in enumerate(strengths):
@@ -283,6 +288,7 @@ def evaluate(model, tokenizer, bank, concept: str, strengths: Sequence[float], *
             "ppl_ratio": _exp(lr) if lr else None,
             "repetition": bootstrap_ci(R[si], seed=seed),
             "on_topic": bootstrap_ci(T[si], seed=seed),
+            "topic_pmi": bootstrap_ci(M[si], seed=seed),
             "empty_replies": int(sum(1 for r, g in zip(rows, gens) if r[0] == si
                                      and not g.token_ids)),
         })
@@ -330,8 +336,9 @@ def plot_dose_response(results: Sequence[dict], path: str) -> None:
     from ..fileio import save_png
 
     panels = [("effect", "judge effect\n(toward concept)"), ("monitor_change", "monitor z change"),
-              ("ppl_ratio", "perplexity ratio"), ("on_topic", "on-topic rate")]
-    fig, axes = plt.subplots(len(results), len(panels), figsize=(13, 2.8 * len(results)),
+              ("ppl_ratio", "perplexity ratio"), ("on_topic", "on-topic rate"),
+              ("topic_pmi", "topic PMI\n(nats/token)")]
+    fig, axes = plt.subplots(len(results), len(panels), figsize=(16, 2.8 * len(results)),
                              squeeze=False)
     for r, res in enumerate(results):
         xs = [row["strength"] for row in res["strengths"]]
@@ -344,9 +351,11 @@ def plot_dose_response(results: Sequence[dict], path: str) -> None:
             hi = np.array([v["hi"] for v in vals], dtype=float)
             ax.plot(xs, y, marker="o", ms=3)
             ax.fill_between(xs, lo, hi, alpha=0.25)
-            ref = 1.0 if key == "ppl_ratio" else (None if key == "on_topic" else 0.0)
+            ref = {"ppl_ratio": 1.0, "on_topic": None}.get(key, 0.0)
             if ref is not None:
                 ax.axhline(ref, color="0.6", lw=0.8, ls="--")
+            else:
+                ax.set_ylim(0, 1.05)
             ax.set_xlabel("strength")
             if r == 0:
                 ax.set_title(label, fontsize=9)
