@@ -359,6 +359,19 @@ def generate_monitored(model, tokenizer, bank, prompts: Sequence[Sequence[int]],
     return results
 
 
+def right_padded(model, tokenizer, seqs: Sequence[Sequence[int]]):
+    """``(ids, mask)`` ``[B, S]`` on the model's device: the token sequences right-padded with
+    the pad id (``mask`` 1 on real tokens), for one forward over all of them."""
+    device = next(model.parameters()).device
+    S = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), S), _pad_id(model, tokenizer), dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for b, s in enumerate(seqs):
+        ids[b, :len(s)] = torch.tensor(list(s), dtype=torch.long, device=device)
+        mask[b, :len(s)] = 1
+    return ids, mask
+
+
 def reread(model, tokenizer, bank, sequences: Sequence[Sequence[int]], *,
            backend: Optional[str] = None) -> List[Tensor]:
     """Raw projections ``[n_i, L, K]`` of every token of each sequence on the *unsteered*
@@ -369,14 +382,7 @@ def reread(model, tokenizer, bank, sequences: Sequence[Sequence[int]], *,
     seqs = [[int(x) for x in s] for s in sequences]
     if not seqs or any(not s for s in seqs):
         raise ValueError("reread needs non-empty token sequences")
-    device = next(model.parameters()).device
-    S = max(len(s) for s in seqs)
-    pad = _pad_id(model, tokenizer)
-    ids = torch.full((len(seqs), S), pad, dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids)
-    for b, s in enumerate(seqs):
-        ids[b, :len(s)] = torch.tensor(s, device=device)
-        mask[b, :len(s)] = 1
+    ids, mask = right_padded(model, tokenizer, seqs)
     with attach(model, bank, monitor=True, backend=backend, max_batch=len(seqs)) as h:
         with torch.no_grad():
             model(input_ids=ids, attention_mask=mask, use_cache=False)
@@ -398,5 +404,5 @@ def top_concepts(z: Tensor, names: Sequence[str], n: int) -> List[tuple]:
     return [(names[int(i)], float(v)) for v, i in zip(vals, idx)]
 
 
-__all__ = ["TokenRecord", "Generation", "load_model_quietly", "chat_ids", "eos_ids", "generate_monitored", "reread",
+__all__ = ["TokenRecord", "Generation", "load_model_quietly", "chat_ids", "eos_ids", "generate_monitored", "reread", "right_padded",
            "top_concepts", "token_cell", "check_sampling"]

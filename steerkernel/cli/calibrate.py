@@ -3,12 +3,11 @@ judge effect at a bounded coherence cost, written into the bank's metadata
 (see :mod:`steerkernel.eval.calibrate`)."""
 from __future__ import annotations
 
-import json
 import sys
 
 from ._common import finite_float, printable
-from .eval import (add_common, add_sampling, check_files, ci, load, name_list, print_table,
-                   sampling_kw, write_json)
+from .eval import (add_common, add_sampling, check_files, ci, emit, load, name_list,
+                   print_table, sampling_kw, write_json)
 
 
 def add_arguments(p) -> None:
@@ -35,20 +34,14 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..eval.calibrate import apply, calibrate
+    from ..eval.calibrate import apply, calibrate, record
+    from ..eval.harness import plot_dose_response
 
     check_files(args, "bank", "prompts")
-    from ..fileio import check_output_file
-
-    for opt in ("save_bank", "record"):
-        if getattr(args, opt) is not None:
-            check_output_file(getattr(args, opt), "--" + opt.replace("_", "-"))
     if any(s <= 0 for s in args.strengths):
         raise ValueError("--strengths: calibration strengths must be positive")
     kw = sampling_kw(args)
-    model, tok, bank = load(args)
-    for c in args.concepts:
-        bank.concept_index(c)
+    model, tok, bank = load(args, args.concepts)
     res = calibrate(model, tok, bank, args.concepts, args.strengths,
                     target_effect=args.target_effect, layers=args.layers,
                     bounds={"max_ppl_ratio": args.max_ppl_ratio,
@@ -57,18 +50,10 @@ def run(args) -> int:
     if args.save_bank:
         apply(bank, res)
         bank.save(args.save_bank)
-    if args.out:
-        write_json(args.out, res)
     if args.record:
-        from ..eval.calibrate import record
-
         write_json(args.record, record(model, res))
-    if args.plot:
-        from ..eval.harness import plot_dose_response
-
-        plot_dose_response([r["evaluation"] for r in res["concepts"].values()], args.plot)
-    if args.json:
-        print(json.dumps(res))
+    if emit(args, res, lambda doc, path: plot_dose_response(
+            [r["evaluation"] for r in doc["concepts"].values()], path)):
         return 0
     out = sys.stdout
     for c, r in res["concepts"].items():

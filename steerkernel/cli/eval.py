@@ -81,14 +81,15 @@ def check_files(args, *names: str) -> None:
         v = getattr(args, n, None)
         if v is not None:
             check_regular_file(v, "--" + n.replace("_", "-"), InputError)
-    for n in ("out", "plot", "report"):
+    for n in ("out", "plot", "save_bank", "record"):
         v = getattr(args, n, None)
         if v is not None:
-            check_output_file(v, "--" + n)
+            check_output_file(v, "--" + n.replace("_", "-"))
 
 
-def load(args):
-    """``(model, tokenizer, bank)`` as ``--model`` / ``--bank`` say."""
+def load(args, concepts=()):
+    """``(model, tokenizer, bank)`` as ``--model`` / ``--bank`` say; every name of
+    ``concepts`` must be in the bank (UnknownConceptError lists the bank's names)."""
     from ..concepts import ConceptBank
     from ..concepts.default import default_bank
     from ..live import load_model_quietly
@@ -99,6 +100,8 @@ def load(args):
         bank.check_fits(model)
     else:
         bank = default_bank(model, tok, progress=not args.no_progress)
+    for c in concepts:
+        bank.concept_index(c)
     return model, tok, bank
 
 
@@ -118,6 +121,18 @@ def write_json(path: str, obj) -> None:
     from ..fileio import atomic_write_bytes
 
     atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
+
+
+def emit(args, doc: dict, draw) -> bool:
+    """Write ``--out`` (JSON), draw ``--plot`` with ``draw(doc, path)``, print the JSON for
+    ``--json``; True when the JSON was printed (the caller prints no table then)."""
+    if args.out:
+        write_json(args.out, doc)
+    if args.plot:
+        draw(doc, args.plot)
+    if args.json:
+        print(json.dumps(doc))
+    return bool(args.json)
 
 
 def ci(v: Optional[dict], fmt: str = "{:+.3f}") -> str:
@@ -158,19 +173,11 @@ def run(args) -> int:
 
     check_files(args, "bank", "prompts")
     kw = sampling_kw(args)
-    model, tok, bank = load(args)
-    for c in args.concept:
-        bank.concept_index(c)
+    model, tok, bank = load(args, args.concept)
     results = [evaluate(model, tok, bank, c, args.strengths, layers=args.layers,
                         direction=args.direction, **kw) for c in args.concept]
-    doc = {"evaluations": results}
-    if args.out:
-        write_json(args.out, doc)
-    if args.plot:
-        plot_dose_response(results, args.plot)
-    if args.json:
-        print(json.dumps(doc))
-    else:
+    if not emit(args, {"evaluations": results},
+                lambda doc, path: plot_dose_response(doc["evaluations"], path)):
         for r in results:
             print_table(r)
     return 0

@@ -3,11 +3,10 @@ items under steering, as a dose-response with 95 % intervals over items
 (see :mod:`steerkernel.eval.choices`)."""
 from __future__ import annotations
 
-import json
 import sys
 
 from ._common import printable
-from .eval import add_common, check_files, ci, load, name_list, write_json
+from .eval import add_common, check_files, ci, emit, load, name_list
 
 
 def add_arguments(p) -> None:
@@ -25,18 +24,11 @@ def run(args) -> int:
 
     check_files(args, "bank", "items")
     items = load_items(args.items)
-    model, tok, bank = load(args)
-    for c in args.concepts:
-        bank.concept_index(c)
+    model, tok, bank = load(args, args.concepts)
     res = probe(model, tok, bank, args.concepts, args.strengths, layers=args.layers,
                 items=items, batch_size=args.batch_size, seed=args.seed, backend=args.backend,
                 progress=not args.no_progress)
-    if args.out:
-        write_json(args.out, res)
-    if args.plot:
-        plot_probe(res, args.plot)
-    if args.json:
-        print(json.dumps(res))
+    if emit(args, res, plot_probe):
         return 0
     out = sys.stdout
     out.write(f"{res['n_items']} A/B pressure items, steering @ layers {res['layers']}; "

@@ -78,10 +78,8 @@ def option_logprobs(model, tokenizer, bank, items: Sequence[dict],
     """``[len(programs), n_items, 2]`` mean per-token log-probability of (honest, harmful)
     for every item under every program (None: unsteered; the bank is attached in any case)."""
     from ..integrations import attach
-    from ..live import _pad_id
+    from ..live import right_padded
 
-    device = next(model.parameters()).device
-    pad = _pad_id(model, tokenizer)
     ctx = [_context_ids(tokenizer, it["scenario"]) for it in items]
     opts = [[tokenizer(" " + it[f].strip(), add_special_tokens=False)["input_ids"]
              for f in ("honest", "harmful")] for it in items]
@@ -90,13 +88,8 @@ def option_logprobs(model, tokenizer, bank, items: Sequence[dict],
     bar = _progress(len(jobs), "probe", progress)
     try:
         for idx in _chunks(len(jobs), batch_size):
-            seqs = [ctx[jobs[j][1]] + opts[jobs[j][1]][jobs[j][2]] for j in idx]
-            S = max(len(s) for s in seqs)
-            x = torch.full((len(idx), S), pad, dtype=torch.long, device=device)
-            m = torch.zeros_like(x)
-            for r, s in enumerate(seqs):
-                x[r, :len(s)] = torch.tensor(s, device=device)
-                m[r, :len(s)] = 1
+            x, m = right_padded(model, tokenizer,
+                                [ctx[jobs[j][1]] + opts[jobs[j][1]][jobs[j][2]] for j in idx])
             with attach(model, bank, monitor=False, backend=backend, max_batch=len(idx)) as h:
                 h.set_programs([programs[jobs[j][0]] for j in idx])
                 with torch.no_grad():

@@ -150,10 +150,8 @@ def _score_pairs(model, tokenizer, bank, pairs, k: int, li: int, batch_size: int
     ``li`` over the reply tokens (one forward per chunk with the bank attached as a monitor
     only, no program).  Empty replies give NaN."""
     from ..integrations import attach
-    from ..live import _pad_id
+    from ..live import right_padded
 
-    device = next(model.parameters()).device
-    pad = _pad_id(model, tokenizer)
     nll = np.full(len(pairs), np.nan)
     z = np.full(len(pairs), np.nan)
     mu, sd = float(bank.baseline_mean[li, k]), float(bank.baseline_std[li, k].clamp_min(1e-6))
@@ -161,13 +159,8 @@ def _score_pairs(model, tokenizer, bank, pairs, k: int, li: int, batch_size: int
         idx = [i for i in idx if pairs[i][1]]
         if not idx:
             continue
-        seqs = [list(pairs[i][0]) + list(pairs[i][1]) for i in idx]
-        S = max(len(s) for s in seqs)
-        x = torch.full((len(idx), S), pad, dtype=torch.long, device=device)
-        m = torch.zeros_like(x)
-        for r, s in enumerate(seqs):
-            x[r, :len(s)] = torch.tensor(s, device=device)
-            m[r, :len(s)] = 1
+        x, m = right_padded(model, tokenizer,
+                            [list(pairs[i][0]) + list(pairs[i][1]) for i in idx])
         with attach(model, bank, monitor=True, backend=backend, max_batch=len(idx)) as h:
             with torch.no_grad():
                 logits = model(input_ids=x, attention_mask=m, use_cache=False).logits
