@@ -15,7 +15,7 @@ from steerkernel.eval import calibrate as cal
 from steerkernel import stats
 from steerkernel.eval import choices, harness, judge
 
-from fixtures_models import tiny_model_dir  # noqa: F401
+from fixtures_models import needs_smollm2, smollm2, tiny_model_dir  # noqa: F401
 
 pytest.importorskip("vaderSentiment")
 
@@ -360,3 +360,23 @@ def test_shipped_calibration_reaches_the_default_bank_only_for_its_model(tiny_se
 
     model, _, bank, _ = tiny_setup
     assert shipped_recommendations(model, bank) == {}  # another model: nothing merged
+
+
+@needs_smollm2
+def test_eval_and_probe_on_the_embedded_model(smollm2):  # noqa: F811
+    """The harness on SmolLM2 with its default bank (cached by the other tests; the shipped
+    calibration is merged into it), kept small: 2 prompts, 1 sample, 8 tokens, 3 A/B items."""
+    from steerkernel.concepts.default import default_bank
+
+    model, tok = smollm2
+    bank = default_bank(model, tok, progress=False)
+    assert bank.recommended("desperate")["strength"] > 0   # shipped calibration merged
+    res = harness.evaluate(model, tok, bank, "desperate", [0.02],
+                           prompts=harness.load_prompts()[:2], samples=1, max_new_tokens=8,
+                           progress=False)
+    assert res["layers"] == "8-21" and res["expected_sign"] == -1
+    row = res["strengths"][1]
+    assert row["monitor_change"]["value"] > 0 and row["ppl_ratio"]["value"] > 1
+    pr = choices.probe(model, tok, bank, ["calm"], [0.02], items=choices.load_items()[:3],
+                       progress=False)
+    assert len(pr["concepts"]["calm"]["strengths"]) == 2

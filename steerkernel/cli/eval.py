@@ -157,13 +157,13 @@ def print_table(res: dict, out=sys.stdout) -> None:
 
 
 def add_arguments(p) -> None:
-    p.epilog = "example: steerkernel eval --concept calm --strengths 0.01,0.02,0.04 --plot eval.png"
+    p.epilog = "example: steerkernel eval --concept desperate --strengths 0.01,0.02 --plot eval.png"
     p.add_argument("--concept", type=name_list, required=True, action="extend",
                    help="concept(s) to steer toward, comma-separated or repeated")
     p.add_argument("--direction", type=int, choices=[1, -1], default=None,
                    help="which way the valence judge should move (default: the sign of the "
                         "concept's valence rating)")
-    add_common(p, strengths="0.01,0.02,0.04",
+    add_common(p, strengths="0.005,0.01,0.02",
                strengths_help="steering strengths (rel units; 0, the control, is always added)")
     add_sampling(p)
 
