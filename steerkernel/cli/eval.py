@@ -141,7 +141,8 @@ def ci(v: Optional[dict], fmt: str = "{:+.3f}") -> str:
     return f"{fmt.format(v['value'])} [{fmt.format(v['lo'])}, {fmt.format(v['hi'])}]"
 
 
-def print_table(res: dict, out=sys.stdout) -> None:
+def print_table(res: dict, out=None) -> None:
+    out = sys.stdout if out is None else out  # looked up at call time (redirected streams)
     s = res["settings"]
     out.write(f"{printable(res['concept'])} @ layers {res['layers']}: judge {res['judge']['name']}"
               f" ({res['judge']['axis']}, expected {'+' if res['expected_sign'] > 0 else '-'}); "
