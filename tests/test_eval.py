@@ -4,20 +4,18 @@ command end to end on a tiny offline Llama (character tokenizer) with a small ex
 """
 import json
 import math
-import os
 
 import numpy as np
 import pytest
+import vaderSentiment  # noqa: F401  (the judge: the eval extra, installed by the bootstrap)
 
+from steerkernel import stats
 from steerkernel.cli.main import main
 from steerkernel.concepts import ConceptBank
 from steerkernel.eval import calibrate as cal
-from steerkernel import stats
 from steerkernel.eval import choices, harness, judge
 
 from fixtures_models import needs_smollm2, smollm2, tiny_model_dir  # noqa: F401
-
-pytest.importorskip("vaderSentiment")
 
 
 def call(argv):

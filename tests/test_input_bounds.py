@@ -30,6 +30,11 @@ from steerkernel.integrations.vllm.config import RequestOptions, program_text, r
 from test_steering import make_bank
 
 RATIO = 3.0      # allowed cost ratio per doubling (linear: ~2)
+#: allowed time ratio over the whole size range, per unit of size growth (linear: ~1; n log n
+#: over 32 -> 256: ~1.6; quadratic: 8).  Timing is checked over the whole range, not per
+#: doubling: at millisecond scale one doubling can cost 3.1-3.3x on an idle 2-core machine (a
+#: cache step), which a per-doubling bound of 3 flagged as superlinear.
+TIME_RATIO_SPAN = 2.5
 REPEATS = 7      # best-of runs (a loaded 2-core machine)
 ERROR_CHARS = 400  # an error message's length, whatever the input's
 
@@ -88,20 +93,22 @@ def _quiet(fn, *args):
 
 
 def _assert_linear(make, sizes, what):
-    """``make(n)`` -> a zero-argument call on an input of size ``n``; every doubling of ``n``
-    costs at most RATIO × in time and in peak memory (a doubling over the bound is measured
-    again, twice at most: a loaded machine can slow one measurement down)."""
+    """``make(n)`` -> a zero-argument call on an input of size ``n``.  Peak memory: every
+    doubling of ``n`` costs at most RATIO x.  Time: from the smallest to the largest size it
+    grows at most TIME_RATIO_SPAN x the size ratio (measured again, twice at most, when over:
+    a loaded machine can slow one measurement down)."""
     peaks = [_peak_bytes(make(n)) for n in sizes]
-    times = [_best_time(make(n)) for n in sizes]
     for i in range(1, len(sizes)):
         growth = sizes[i] / sizes[i - 1]
-        for _ in range(2):
-            if times[i] <= RATIO * times[i - 1] * growth / 2:
-                break
-            times[i - 1], times[i] = _best_time(make(sizes[i - 1])), _best_time(make(sizes[i]))
-        assert times[i] <= RATIO * times[i - 1] * growth / 2, (what, "time", sizes, times)
         assert peaks[i] <= RATIO * max(peaks[i - 1], 4096) * growth / 2, \
             (what, "memory", sizes, peaks)
+    span = sizes[-1] / sizes[0]
+    small, large = _best_time(make(sizes[0])), _best_time(make(sizes[-1]))
+    for _ in range(2):
+        if large <= TIME_RATIO_SPAN * span * small:
+            break
+        small, large = _best_time(make(sizes[0])), _best_time(make(sizes[-1]))
+    assert large <= TIME_RATIO_SPAN * span * small, (what, "time", sizes, small, large)
 
 
 # ------------------------------------------------------------------------------ grammar
