@@ -198,6 +198,7 @@ def evaluate(model, tokenizer, bank, concept: str, strengths: Sequence[float], *
     docs).
     """
     from ..live import chat_ids, check_sampling, generate_monitored
+    from ..steering import compile_program
 
     t0 = time.perf_counter()
     k = bank.concept_index(concept)
@@ -209,11 +210,8 @@ def evaluate(model, tokenizer, bank, concept: str, strengths: Sequence[float], *
     strengths = sorted({float(s) for s in strengths} | {0.0})
     layers = default_layers(bank) if layers is None else str(layers)
     for s in strengths:  # every program compiles before any work starts
-        prog = strength_program(concept, s, layers)
-        if prog is not None:
-            from ..steering import compile_program
-
-            compile_program(prog, bank)
+        if s != 0:
+            compile_program(strength_program(concept, s, layers), bank)
     prompts = list(load_prompts() if prompts is None else prompts)
     P = len(prompts)
     if P < 2:
