@@ -322,8 +322,19 @@ def test_cli_eval_probe_calibrate(tiny_setup, tiny_model_dir, tmp_path, capsys):
     (["calibrate", "--concepts", "calm", "--strengths", "-0.1"], "must be positive"),
     (["probe", "--bank", "/nonexistent/b.safetensors"], "/nonexistent/b.safetensors"),
     (["eval", "--concept", "calm", "--prompts", "/nonexistent/p.txt"], "/nonexistent/p.txt"),
+    (["eval", "--concept", "calm", "--out", "/nonexistent/dir/e.json"], "/nonexistent/dir"),
+    (["calibrate", "--concepts", "calm", "--record", "/nonexistent/dir/r.json"],
+     "/nonexistent/dir"),
+    (["probe", "--plot", "/nonexistent/dir/p.png"], "/nonexistent/dir"),
 ])
-def test_cli_bad_arguments_fail_fast(argv, msg, capsys):
+def test_cli_bad_arguments_fail_fast(argv, msg, capsys, monkeypatch):
+    """Checked before the model loads: nothing is computed and nothing is written."""
+    import steerkernel.live
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(steerkernel.live, "load_model_quietly", no_model)
     assert call(argv) == 2
     err = capsys.readouterr().err
     assert msg in err and len(err.strip().splitlines()) == 1
