@@ -360,6 +360,110 @@ def test_slots_are_reserved_at_admission_and_refused_with_429(monkeypatch):
     assert eng._steerkernel_ledger.held == {"b": 1, "g": 2}
 
 
+class _FakeServing:
+    """What the HTTP admission wrapper reads of vLLM's OpenAI serving class: like vLLM, a
+    streamed response adds its engine requests (one per prompt) only when it is iterated."""
+
+    def __init__(self, engine, add):
+        self.engine_client, self._add = engine, add
+
+    async def create_completion(self, request, raw_request=None):
+        prompts = request.prompt if isinstance(request.prompt, list) else [request.prompt]
+
+        async def add_all():
+            for i, _ in enumerate(prompts):
+                params = SimpleNamespace(extra_args=request.vllm_xargs, n=request.n)
+                await self._add(self.engine_client, f"{request.id}-{i}", "p", params)
+
+        if not request.stream:
+            await add_all()
+            return {"ok": request.id}
+
+        async def stream():
+            await add_all()
+            for chunk in ("a", "b"):
+                yield chunk
+        return stream()
+
+
+def _served(monkeypatch, max_slots, need):
+    from steerkernel.integrations.vllm import patches
+
+    monkeypatch.setattr(patches, "_frontend_check", lambda vc, params: (
+        _compiled(need(params.extra_args["steerkernel"])), RequestOptions()))
+    eng = _FakeEngine(max_slots=max_slots)
+    serving = _FakeServing(eng, patches._wrap_async_add_request(_FakeEngine.add_request))
+    create = patches._wrap_openai_create(_FakeServing.create_completion)
+
+    def request(rid, program, prompts=1, n=1, stream=True):
+        return SimpleNamespace(id=rid, prompt=["p"] * prompts if prompts > 1 else "p", n=n,
+                               stream=stream, vllm_xargs={"steerkernel": program})
+    return patches, eng, serving, create, request
+
+
+@needs_vllm
+def test_streamed_requests_are_refused_before_the_stream_starts(monkeypatch):
+    """A streamed request gets its 429 / 400 from the HTTP layer, before a 200 response could
+    start (not as an error event inside the stream); its prompts share one reservation, which
+    its engine requests take over; nothing is left held when the responses end."""
+    from http import HTTPStatus
+
+    from vllm.exceptions import GracefulHTTPError, VLLMValidationError
+
+    patches, eng, serving, create, request = _served(
+        monkeypatch, max_slots=5, need=lambda prog: {"one": 1, "two": 2, "bad": 1}[prog])
+
+    async def scenario():
+        s1 = await create(serving, request("a", "two", prompts=2, stream=True))  # 4 of 4
+        assert not eng.added  # the stream has not started: nothing reached the engine yet
+        with pytest.raises(GracefulHTTPError) as e:
+            await create(serving, request("b", "one", stream=True))
+        assert e.value.http_status == HTTPStatus.TOO_MANY_REQUESTS
+        with pytest.raises(VLLMValidationError, match="needs 6 steering slots"):
+            await create(serving, request("c", "two", prompts=3))
+        assert [c async for c in s1] == ["a", "b"]
+        assert eng.added == ["a-0", "a-1"]
+        assert eng._steerkernel_ledger.held == {"a-0": 2, "a-1": 2}
+        del eng.output_processor.request_states["a-0"]
+        del eng.output_processor.request_states["a-1"]
+        assert await create(serving, request("d", "one", n=2, stream=False)) == {"ok": "d"}
+        assert eng._steerkernel_ledger.held == {"d-0": 2}
+        assert not patches._PREADMITTED
+    asyncio.run(scenario())
+
+
+@needs_vllm
+def test_preadmitted_slots_come_back_when_the_stream_is_dropped(monkeypatch):
+    """Slots a response reserved but never handed to the engine come back: when its stream
+    ends or is dropped unstarted (client gone before the first byte), at the latest after
+    PREADMISSION_TTL_S."""
+    patches, eng, serving, create, request = _served(monkeypatch, max_slots=3,
+                                                     need=lambda prog: 1)
+    ledger = patches._ledger(eng)
+
+    async def scenario():
+        s = await create(serving, request("a", "one", prompts=2))
+        assert sum(ledger.held.values()) == 2
+        await s.aclose()  # closed before its first chunk: its engine requests never came
+        del s
+        assert ledger.held == {} and not patches._PREADMITTED
+        s = await create(serving, request("b", "one", prompts=2))
+        assert await s.__anext__() == "a"
+        await s.aclose()  # client gone mid-stream
+        assert ledger.held == {"b-0": 1, "b-1": 1} and not patches._PREADMITTED
+        eng.output_processor.request_states.clear()  # b's requests finished
+        monkeypatch.setattr(patches, "PREADMISSION_TTL_S", 0.0)
+        kept = await create(serving, request("c", "one", prompts=2))  # held, never iterated
+        assert list(ledger.held.values()) == [2]
+        time.sleep(0.01)
+        s = await create(serving, request("d", "one", prompts=2))  # c's expired slots freed
+        assert [c async for c in s] == ["a", "b"]
+        assert ledger.held == {"d-0": 1, "d-1": 1}
+        del kept
+    asyncio.run(scenario())
+    patches._PREADMITTED.clear()
+
+
 @needs_vllm
 def test_admission_validates_off_the_event_loop(monkeypatch):
     """The front-end check runs in a thread: a slow validation does not stall the loop."""

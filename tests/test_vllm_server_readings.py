@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -465,6 +466,57 @@ def test_report_with_n_above_one_is_400_and_engine_fine(http, client):
     assert http.get("/health").status_code == 200
     got = run(client, "Hi", None, "calm", max_tokens=2)
     assert len(got["z"]) == 2
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_streamed_bad_requests_get_the_http_status_not_an_error_event(http, endpoint):
+    """A streamed steered request is checked before its response starts: a bad program or a
+    request that can never fit gets HTTP 400 itself, not an error event inside a 200 stream."""
+    body = {"model": MODEL_NAME, "max_tokens": 2, "stream": True}
+    body.update({"prompt": "Hi"} if endpoint == "completions" else
+                {"messages": [{"role": "user", "content": "Hi"}]})
+    path = "/v1/completions" if endpoint == "completions" else "/v1/chat/completions"
+    for extra, why in ((xargs("clam=+0.1@4-20"), "concept 'clam' is not in the bank"),
+                       ({**xargs("calm=+0.1@4-20"), "n": 40, "temperature": 1.0},
+                        "needs 40 steering slots")):
+        r = http.post(path, json={**body, **extra})
+        assert r.status_code == 400, (extra, r.status_code, r.text[:500])
+        assert why in r.json()["error"]["message"], r.text[:500]
+
+
+def test_full_slot_table_is_429_before_the_stream_starts(http):
+    """While one request holds every steering slot, a streamed steered request gets HTTP 429
+    (a client can retry it), an unsteered one still runs, and once the holder has finished
+    the streamed request runs."""
+    import threading
+
+    cap = worker_status(http)["slots"] - 1
+    holder = {}
+
+    def hold():
+        holder["r"] = http.post("/v1/completions", json={
+            "model": MODEL_NAME, "prompt": "Tell me a long story.", "max_tokens": 48,
+            "n": cap, "temperature": 1.0, "seed": 3, "ignore_eos": True,
+            **xargs("calm=+0.05@4-20")})
+    t = threading.Thread(target=hold)
+    t.start()
+    deadline = time.monotonic() + 120
+    while worker_status(http).get("open_requests", 0) == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stream = {"model": MODEL_NAME, "prompt": "Hi", "max_tokens": 2, "stream": True,
+              **xargs("calm=+0.05@4-20")}
+    r = http.post("/v1/completions", json=stream)
+    still_held = t.is_alive()
+    free = http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "Hi",
+                                              "max_tokens": 2})
+    t.join(timeout=300)
+    assert still_held, "the holder finished before the streamed request was sent"
+    assert r.status_code == 429, (r.status_code, r.text[:500])
+    assert "no free steering slot" in r.json()["error"]["message"]
+    assert free.status_code == 200, free.text[:500]
+    assert holder["r"].status_code == 200, holder["r"].text[:500]
+    r = http.post("/v1/completions", json=stream)
+    assert r.status_code == 200 and "[DONE]" in r.text and '"error"' not in r.text, r.text[:500]
 
 
 def test_client_cannot_set_the_stream_tag(client):

@@ -23,12 +23,12 @@ def test_every_touch_point_is_documented_and_has_a_wrapper():
             # a module-level function has no class: its target is module.function
             assert tp.target == ".".join(x for x in (tp.module, tp.cls, tp.attr) if x), tp
             assert tp.patches.strip() and tp.why.strip() and tp.replacement.strip(), tp
-    # the internals of docs/vllm.md: input processing, async admission, worker load,
+    # the internals of docs/vllm.md: input processing, async and HTTP admission, worker load,
     # execute, the V1 / V2 batch layouts, stop on alarm, and the readings path
     assert {tp.kind for tp in TOUCH_POINTS["0.32"]} == {
         "input_processing", "async_admission", "worker_load", "execute_v1", "batch_layout_v1",
         "execute_v2", "batch_layout_v2", "sample_stops", "scheduler_output", "scheduler_stop",
-        "readings_channel", "response_middleware"}
+        "readings_channel", "response_middleware", "completions_admission", "chat_admission"}
     mw = next(tp for tp in TOUCH_POINTS["0.32"] if tp.kind == "response_middleware")
     assert mw.cls == "" and mw.target == \
         "vllm.entrypoints.launchers.app.init_entrypoints_middleware"

@@ -13,6 +13,9 @@ which documented interface would replace it), with the wrapper of each row's ``k
 * ``async_admission`` (``AsyncLLM``, the API server): the same check runs in a thread, off the
   event loop, and a :class:`SlotLedger` refuses a steered request the workers' slot tables
   could not hold (HTTP 429 now, HTTP 400 never fits) instead of serving it unsteered;
+* ``completions_admission`` / ``chat_admission`` (vLLM's OpenAI server): the same check and
+  the slot reservation run before the response starts (:class:`Preadmission`), so a streamed
+  request is refused with a real HTTP 400 / 429, not an error event inside an HTTP 200 stream;
 * ``worker_load``: after the model is loaded, a :class:`WorkerState` is built when the engine
   has a ``steerkernel`` config; ``Worker.steerkernel_rpc`` serves
   ``collective_rpc("steerkernel_rpc", args=(op, ...))``;
@@ -30,9 +33,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import inspect
 import logging
 import os
 import threading
+import time
+import weakref
+from types import SimpleNamespace
 from typing import Callable, Dict, List, Optional, Tuple
 
 from . import touchpoints
@@ -133,22 +140,31 @@ class SlotLedger:
     samples) from admission until it leaves the output processor (finished or aborted), so
     the workers' slot tables (``capacity = slot_count - 1``) can never run out behind the
     server: a request that would not fit now is refused with HTTP 429, one that can never fit
-    with HTTP 400 (docs/vllm.md, "Steering slots")."""
+    with HTTP 400 (docs/vllm.md, "Steering slots").
+
+    Keys of :attr:`held`: a vLLM request id (held until the request leaves the output
+    processor), a pending token of :meth:`reserve` (until :meth:`bind` / :meth:`cancel`), or
+    a :class:`Preadmission` (slots an OpenAI request reserved before its response started,
+    handed to its engine requests by :meth:`take`; given back by :meth:`release`, or when
+    unused past its deadline)."""
 
     def __init__(self, capacity: int):
         self.capacity = int(capacity)
-        self.held: Dict[object, int] = {}  # vLLM request id (or a pending token) -> slots
+        self.held: Dict[object, int] = {}
         self._lock = threading.Lock()
 
-    def reserve(self, need: int, alive: Callable[[str], bool]) -> object:
-        """Reserve ``need`` slots; a token for :meth:`bind` / :meth:`cancel`."""
+    def reserve(self, need: int, alive: Callable[[str], bool], key: object = None) -> object:
+        """Reserve ``need`` slots under ``key`` (default: a new pending token); return the key."""
         from http import HTTPStatus
 
         from vllm.exceptions import GracefulHTTPError, VLLMValidationError
 
+        now = time.monotonic()
         with self._lock:
-            for key in [k for k in self.held if isinstance(k, str) and not alive(k)]:
-                del self.held[key]
+            for k in list(self.held):
+                if (isinstance(k, str) and not alive(k)) or \
+                        (isinstance(k, Preadmission) and k.deadline < now):
+                    del self.held[k]
             if need > self.capacity:
                 raise VLLMValidationError(
                     f"steerkernel: this request needs {need} steering slots but the engine has "
@@ -160,17 +176,34 @@ class SlotLedger:
                     f"steerkernel: no free steering slot ({used} of {self.capacity} held by "
                     "in-flight steered requests); retry later, or raise the plugin's max_slots",
                     HTTPStatus.TOO_MANY_REQUESTS)
-            token = object()
-            self.held[token] = need
-            return token
+            key = object() if key is None else key
+            self.held[key] = need
+            return key
 
     def bind(self, token: object, request_id: str) -> None:
         with self._lock:
             self.held[request_id] = self.held.pop(token)
 
+    def take(self, pre: "Preadmission", need: int) -> Optional[object]:
+        """Move ``need`` of ``pre``'s slots to a new pending token (for :meth:`bind`); None
+        (nothing moved) when ``pre`` no longer holds that many (expired or released)."""
+        with self._lock:
+            have = self.held.get(pre, 0)
+            if have < need:
+                return None
+            if have == need:
+                del self.held[pre]
+            else:
+                self.held[pre] = have - need
+            token = object()
+            self.held[token] = need
+            return token
+
     def cancel(self, token: object) -> None:
         with self._lock:
             self.held.pop(token, None)
+
+    release = cancel
 
 
 def _ledger(engine) -> SlotLedger:
@@ -184,22 +217,125 @@ def _ledger(engine) -> SlotLedger:
     return led
 
 
+def _alive(engine) -> Callable[[str], bool]:
+    out = engine.output_processor
+    return lambda rid: rid in out.request_states or rid in out.parent_requests
+
+
+def _request_slots(compiled, options, n) -> int:
+    from .config import action_slots, slots_needed
+
+    per = (slots_needed(compiled) if compiled is not None else 0) + action_slots(options)
+    return per * max(1, int(n or 1))
+
+
+class Preadmission:
+    """An OpenAI request checked and given its slots by the HTTP layer before its response
+    started (:func:`_wrap_openai_create`), so that a streamed request, too, is refused with
+    a real HTTP 400 / 429 instead of an error event inside an HTTP 200 stream.  Its engine
+    requests (one per prompt) find it by their ``extra_args`` (the request's ``vllm_xargs``
+    object) in :func:`_wrap_async_add_request` and take ``per_request`` slots each."""
+
+    __slots__ = ("xargs", "compiled", "options", "per_request", "deadline", "ledger")
+
+    def __init__(self, xargs, compiled, options, per_request: int, ledger):
+        self.xargs, self.compiled, self.options = xargs, compiled, options
+        self.per_request, self.ledger = per_request, ledger
+        self.deadline = time.monotonic() + PREADMISSION_TTL_S
+
+
+#: seconds a preadmission's unused slots stay reserved at most (a backstop: they are handed to
+#: its engine requests within milliseconds, and given back when its response ends or its
+#: unstarted stream is collected)
+PREADMISSION_TTL_S = 30.0
+#: ``id(vllm_xargs)`` -> its :class:`Preadmission` (the object is kept, so the id is not reused)
+_PREADMITTED: Dict[int, Preadmission] = {}
+
+
+def _find_preadmission(params) -> Optional[Preadmission]:
+    xargs = getattr(params, "extra_args", None)
+    pre = _PREADMITTED.get(id(xargs)) if xargs is not None else None
+    return pre if pre is not None and pre.xargs is xargs else None
+
+
+def _drop_preadmission(pre: Preadmission) -> None:
+    if _PREADMITTED.get(id(pre.xargs)) is pre:
+        del _PREADMITTED[id(pre.xargs)]
+    if pre.ledger is not None:
+        pre.ledger.release(pre)
+
+
+def _prompt_count(request) -> int:
+    """Engine requests an OpenAI request becomes (one per prompt of a completions batch)."""
+    prompt = getattr(request, "prompt", None)
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        return len(prompt)
+    return 1
+
+
+def _wrap_openai_create(orig):
+    """``create_completion`` / ``create_chat_completion`` of vLLM's OpenAI server: check a
+    steered request and reserve its slots before the response starts (HTTP 400 / 429 for a
+    streamed request too); hand the reservation to its engine requests; give back what they
+    did not take when the response ends (or its unstarted stream is collected; at the latest
+    after PREADMISSION_TTL_S)."""
+    async def create(self, request, *args, **kwargs):
+        xargs = getattr(request, "vllm_xargs", None)
+        engine = getattr(self, "engine_client", None)
+        params = SimpleNamespace(extra_args=xargs)
+        if not xargs or not _wants_check(params) or \
+                getattr(engine, "output_processor", None) is None:
+            return await orig(self, request, *args, **kwargs)
+        compiled, options = await asyncio.to_thread(_frontend_check, engine.vllm_config, params)
+        per = _request_slots(compiled, options, getattr(request, "n", 1))
+        ledger = _ledger(engine) if per else None
+        pre = Preadmission(xargs, compiled, options, per, ledger)
+        if ledger is not None:
+            ledger.reserve(per * _prompt_count(request), _alive(engine), key=pre)
+        _PREADMITTED[id(xargs)] = pre
+        streaming = False
+        try:
+            result = await orig(self, request, *args, **kwargs)
+            if inspect.isasyncgen(result):
+                result, streaming = _drop_when_done(result, pre), True
+                # a stream dropped unstarted (client gone before the first byte) runs no
+                # finally: give the slots back when it is collected
+                weakref.finalize(result, _drop_preadmission, pre)
+            return result
+        finally:
+            if not streaming:
+                _drop_preadmission(pre)
+    return create
+
+
+async def _drop_when_done(stream, pre: Preadmission):
+    try:
+        async for chunk in stream:
+            yield chunk
+    finally:
+        _drop_preadmission(pre)
+        await stream.aclose()
+
+
 def _wrap_async_add_request(orig):
     async def add_request(self, request_id, prompt, params, *args, **kwargs):
         if not _wants_check(params):
             return await orig(self, request_id, prompt, params, *args, **kwargs)
-        from .config import action_slots, slots_needed
-
-        # off the event loop: one request's validation never stalls the others
-        compiled, options = await asyncio.to_thread(_frontend_check, self.vllm_config, params)
-        per = (slots_needed(compiled) if compiled is not None else 0) + action_slots(options)
-        need = per * max(1, int(getattr(params, "n", 1) or 1))
+        n = getattr(params, "n", 1)
+        pre = _find_preadmission(params)
+        if pre is not None:  # checked by the HTTP layer (_wrap_openai_create)
+            compiled, options = pre.compiled, pre.options
+        else:  # off the event loop: one request's validation never stalls the others
+            compiled, options = await asyncio.to_thread(_frontend_check, self.vllm_config,
+                                                        params)
+        need = _request_slots(compiled, options, n)
         ledger = token = None
         if need:
-            out = self.output_processor
             ledger = _ledger(self)
-            token = ledger.reserve(need, lambda rid: rid in out.request_states
-                                   or rid in out.parent_requests)
+            if pre is not None and pre.ledger is ledger:
+                token = ledger.take(pre, need)
+            if token is None:
+                token = ledger.reserve(need, _alive(self))
         _PRECHECKED[id(params)] = (params, compiled)
         try:
             queue = await orig(self, request_id, prompt, params, *args, **kwargs)
@@ -390,6 +526,8 @@ def _wrap_init_middleware(orig):
 WRAPPERS: Dict[str, Callable] = {
     "input_processing": _wrap_process_inputs,
     "async_admission": _wrap_async_add_request,
+    "completions_admission": _wrap_openai_create,
+    "chat_admission": _wrap_openai_create,
     "worker_load": _wrap_load_model,
     "execute_v1": lambda f: _make_execute(f, False),
     "batch_layout_v1": _wrap_prepare_inputs_v1,

@@ -70,6 +70,24 @@ TOUCH_POINTS: Dict[str, Tuple[TouchPoint, ...]] = {
                 "slot count is per engine and only the front end can still refuse a request",
             replacement="none (no documented async admission hook)"),
         TouchPoint(
+            "completions_admission", "vllm.entrypoints.openai.completion.serving",
+            "OpenAIServingCompletion", "create_completion",
+            patches="OpenAI server, /v1/completions: runs the async_admission check and "
+                    "reserves the request's slots (all its prompts) before the response "
+                    "starts; its engine requests take them over; what they do not take is "
+                    "given back when the response ends",
+            why="a streamed response has sent HTTP 200 before the engine sees the request: "
+                "without this a bad program or a full slot table reaches a streaming client "
+                "as an error event inside a 200 stream instead of HTTP 400 / 429",
+            replacement="none (the serving layer's preflight admission check, "
+                        "EngineClient.check_admission, sees only n, not the request)"),
+        TouchPoint(
+            "chat_admission", "vllm.entrypoints.openai.chat_completion.serving",
+            "OpenAIServingChat", "create_chat_completion",
+            patches="as the row above, for /v1/chat/completions",
+            why="as the row above",
+            replacement="none"),
+        TouchPoint(
             "worker_load", "vllm.v1.worker.gpu_worker", "Worker", "load_model",
             patches="worker: after the model is loaded, builds the WorkerState (bank, slot "
                     "tables, monitor) and gives the RMSNorm instances their junction sites; "
