@@ -15,7 +15,8 @@
   ``interop.import_vectors``), and no ``torch.load`` in the package runs without
   ``weights_only=True``.
 * GGUF control vectors and plain vector files: truncated / bit-flipped files raise
-  ``BankFormatError`` or load as a valid bank (unit, finite directions).
+  ``BankFormatError`` or load as a valid bank (unit, finite directions); for GGUF every single
+  flip and cut is tried.  The random tests run under an address-space cap (``memory_capped``).
 """
 from __future__ import annotations
 
@@ -52,6 +53,33 @@ def FUZZ(n):
     return settings(max_examples=n, deadline=None, derandomize=False,
                     suppress_health_check=[HealthCheck.too_slow,
                                            HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture
+def memory_capped():
+    """The random fuzz tests run with the process's address space capped at its size now plus
+    2 GiB, so a damaged file that makes a loader allocate without bound fails that test with a
+    MemoryError instead of the kernel's OOM killer taking the whole test run down (it did once,
+    in CI: a GGUF string value flipped into an array of ~2^60 items).  Linux only."""
+    import resource
+
+    try:
+        with open("/proc/self/status") as f:
+            vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    except (OSError, StopIteration):
+        yield
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = vm + (2 << 30)
+    if hard != resource.RLIM_INFINITY and cap > hard:
+        cap = hard
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
 COUNTS = {"truncations": 0, "bit_flips": 0, "crafted": 0, "gguf": 0, "vector_files": 0}
 
 
@@ -107,7 +135,7 @@ def _load_bytes(tmp_path, data: bytes, name="f.safetensors"):
 # ------------------------------------------------------------------------ truncation, flips
 @FUZZ(200)
 @given(frac=st.floats(0, 1, exclude_max=True))
-def test_truncated_bank_is_rejected(saved, tmp_path, frac):
+def test_truncated_bank_is_rejected(saved, tmp_path, frac, memory_capped):
     _, data = saved
     cut = int(frac * len(data))
     with pytest.raises(BankFormatError):
@@ -134,7 +162,7 @@ def test_truncation_at_every_boundary(saved, tmp_path):
 
 @FUZZ(300)
 @given(data=st.data())
-def test_every_bit_flip_is_detected(saved, tmp_path, data):
+def test_every_bit_flip_is_detected(saved, tmp_path, data, memory_capped):
     """The file carries a sha256 of its metadata and tensors and the structure is checked, so
     a single flipped bit anywhere must give BankFormatError (never a bank, never another
     exception)."""
@@ -543,9 +571,46 @@ def test_gguf_round_trip(gguf_file):
     assert torch.allclose(bank.directions[:, 0], src.directions[:, 0], atol=1e-6)
 
 
+def test_every_single_gguf_flip_and_cut(gguf_file, tmp_path, memory_capped):
+    """Exhaustively: every single-bit flip and every truncation of the control vector raises
+    BankFormatError or loads as a valid bank (the random test below draws multi-site damage
+    from the same contract).  Among them, the flip that turns the model_hint string's value
+    type (8) into an array (9): gguf's reader alone then loops over a count of ~2^60 items
+    read from the string's bytes and exhausts memory; the header walk refuses it first."""
+    from steerkernel.concepts import interop
+
+    _, blob = gguf_file
+    hint_type = blob.index(b"controlvector.model_hint") + len(b"controlvector.model_hint")
+    assert struct.unpack_from("<I", blob, hint_type)[0] == 8  # STRING
+    p = tmp_path / "x.gguf"
+    damaged = [blob[:cut] for cut in range(len(blob))]
+    for i in range(len(blob)):
+        for bit in range(8):
+            b = bytearray(blob)
+            b[i] ^= 1 << bit
+            damaged.append(bytes(b))
+    outcomes = {"format error": 0, "valid": 0}
+    for bad in damaged:
+        p.write_bytes(bad)
+        try:
+            bank = interop.import_gguf(p)
+        except BankFormatError:
+            outcomes["format error"] += 1
+        else:
+            assert_valid(bank)
+            outcomes["valid"] += 1
+    assert outcomes["format error"] > len(blob)  # every cut at least
+    b = bytearray(blob)
+    b[hint_type] ^= 1  # STRING -> ARRAY
+    p.write_bytes(bytes(b))
+    with pytest.raises(BankFormatError, match="does not fit"):
+        interop.import_gguf(p)
+
+
 @FUZZ(120)
 @given(data=st.data())
-def test_damaged_gguf_gives_format_error_or_valid_bank(gguf_file, tmp_path, data):
+def test_damaged_gguf_gives_format_error_or_valid_bank(gguf_file, tmp_path, data,
+                                                      memory_capped):
     """GGUF has no checksum: a flip in the float data can load as another valid vector, but
     nothing may raise anything other than BankFormatError."""
     from steerkernel.concepts import interop
@@ -572,7 +637,7 @@ def test_damaged_gguf_gives_format_error_or_valid_bank(gguf_file, tmp_path, data
 
 @FUZZ(120)
 @given(data=st.data())
-def test_damaged_vector_files(tmp_path, data):
+def test_damaged_vector_files(tmp_path, data, memory_capped):
     """repeng / steering-vectors style files (.safetensors dict, .pt dict): truncated or
     bit-flipped, they raise BankFormatError or load as a valid bank."""
     from steerkernel.concepts import interop

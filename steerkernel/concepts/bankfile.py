@@ -17,8 +17,10 @@ tensor must be a dense CPU float tensor and together they may not view more byte
 archive stores (a stride-0 view of one float cannot claim 2^40 elements).
 
 ``.gguf``: a llama.cpp / repeng control vector, read as ``{layer: vector}`` by
-:func:`read_gguf_vectors` (layer numbering: see :mod:`steerkernel.concepts.interop`).  Before
-any tensor is copied, every tensor's byte range must lie inside the file and no two may
+:func:`read_gguf_vectors` (layer numbering: see :mod:`steerkernel.concepts.interop`).  The
+header is walked first with every count and length checked against the bytes left in the file
+(the ``gguf`` reader does not check them, and a flipped bit can make it loop over ~2^60 items).
+Before any tensor is copied, every tensor's byte range must lie inside the file and no two may
 overlap (so the copies together never exceed the file size), with at most
 :data:`MAX_VECTOR_TENSORS` tensors.
 """
@@ -308,6 +310,94 @@ def _read_pt(path: str) -> Dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ GGUF vectors
+# GGUF value types (gguf.GGUFValueType): fixed sizes of the scalars; 8 = string (uint64 length
+# + bytes), 9 = array (uint32 item type, uint64 count, items).
+_GGUF_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+_GGUF_MAX_DIMS = 4  # GGML_MAX_DIMS
+_GGUF_MAX_NESTING = 8  # arrays of arrays (real files use none)
+
+
+def _check_gguf_layout(path: str) -> None:
+    """Walk the GGUF header (key/values and tensor infos) with every count and length checked
+    against the bytes left in the file, before ``gguf.GGUFReader`` sees it.  The reader does
+    not check them: a flipped bit that turns a string value into an array makes it loop over
+    a count of ~2^60 items past the end of the file, appending an empty view per item, until
+    the process runs out of memory.  Here any count or length that cannot fit is a
+    :class:`BankFormatError`, so the walk (and then the reader's) is bounded by the file size."""
+    import mmap
+
+    size = os.stat(path).st_size
+    if size < 24:
+        raise BankFormatError(f"{path}: not a readable GGUF file ({size} bytes)")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        if buf[:4] != b"GGUF":
+            raise BankFormatError(f"{path}: not a readable GGUF file (no GGUF magic)")
+        # the reader accepts either byte order: a version whose low half is 0 was written
+        # big-endian
+        bo = ">" if struct.unpack_from("<I", buf, 4)[0] & 0xFFFF == 0 else "<"
+        off = 8
+
+        def bad(what):
+            return BankFormatError(f"{path}: not a readable GGUF file ({what} at byte {off} "
+                                   f"does not fit in the {size}-byte file)")
+
+        def take(fmt, what):
+            nonlocal off
+            n = struct.calcsize(fmt)
+            if off + n > size:
+                raise bad(what)
+            v = struct.unpack_from(bo + fmt, buf, off)[0]
+            off += n
+            return v
+
+        def skip(n, what):
+            nonlocal off
+            if n < 0 or off + n > size:
+                raise bad(what)
+            off += n
+
+        def string(what):
+            skip(take("Q", what + " length"), what)
+
+        def value(vtype, what, depth=0):
+            if depth > _GGUF_MAX_NESTING:
+                raise bad(f"arrays nested more than {_GGUF_MAX_NESTING} deep")
+            if vtype in _GGUF_SCALAR_BYTES:
+                skip(_GGUF_SCALAR_BYTES[vtype], what)
+            elif vtype == _GGUF_STRING:
+                string(what)
+            elif vtype == _GGUF_ARRAY:
+                itype = take("I", what + " item type")
+                count = take("Q", what + " item count")
+                if itype in _GGUF_SCALAR_BYTES:
+                    skip(count * _GGUF_SCALAR_BYTES[itype], what + " items")
+                elif itype in (_GGUF_STRING, _GGUF_ARRAY):
+                    # each item takes at least 8 (string) or 12 (array) bytes
+                    if count * (8 if itype == _GGUF_STRING else 12) > size - off:
+                        raise bad(f"{what} ({count} items)")
+                    for _ in range(count):
+                        value(itype, what + " item", depth + 1)
+                else:
+                    raise bad(f"{what} of unknown item type {itype}")
+            else:
+                raise bad(f"a value of unknown type {vtype}")
+
+        n_tensors = take("Q", "the tensor count")
+        n_kv = take("Q", "the key/value count")
+        if n_kv * 12 > size - off or n_tensors * 28 > size - off:  # smallest entry each
+            raise bad(f"{n_kv} key/values and {n_tensors} tensors")
+        for _ in range(n_kv):
+            string("a key")
+            value(take("I", "a value type"), "a value")
+        for _ in range(n_tensors):
+            string("a tensor name")
+            n_dims = take("I", "a tensor's dimension count")
+            if n_dims > _GGUF_MAX_DIMS:
+                raise bad(f"a tensor with {n_dims} dimensions")
+            skip(8 * n_dims + 4 + 8, "a tensor's shape, type and offset")
+
+
 def _check_gguf_extents(path: str, tensors) -> None:
     """Every tensor's bytes lie inside the file and no two overlap, so copying them all costs
     at most the file size; at most :data:`MAX_VECTOR_TENSORS` tensors."""
@@ -346,6 +436,7 @@ def read_gguf_vectors(path: PathLike):
 
     path = os.fspath(path)
     check_regular_file(path, "control vector file")
+    _check_gguf_layout(path)
     try:
         reader = gguf.GGUFReader(path)
         arch = reader.get_field("general.architecture")
