@@ -338,15 +338,17 @@ def _check_gguf_layout(path: str) -> None:
         bo = ">" if struct.unpack_from("<I", buf, 4)[0] & 0xFFFF == 0 else "<"
         off = 8
 
-        def bad(what):
-            return BankFormatError(f"{path}: not a readable GGUF file ({what} at byte {off} "
-                                   f"does not fit in the {size}-byte file)")
+        def bad(why):
+            return BankFormatError(f"{path}: not a readable GGUF file ({why}, at byte {off})")
+
+        def too_long(what):
+            return bad(f"{what}: past the end of the {size}-byte file")
 
         def take(fmt, what):
             nonlocal off
             n = struct.calcsize(fmt)
             if off + n > size:
-                raise bad(what)
+                raise too_long(what)
             v = struct.unpack_from(bo + fmt, buf, off)[0]
             off += n
             return v
@@ -354,11 +356,11 @@ def _check_gguf_layout(path: str) -> None:
         def skip(n, what):
             nonlocal off
             if n < 0 or off + n > size:
-                raise bad(what)
+                raise too_long(what)
             off += n
 
         def string(what):
-            skip(take("Q", what + " length"), what)
+            skip(take("Q", what + "'s length"), what)
 
         def value(vtype, what, depth=0):
             if depth > _GGUF_MAX_NESTING:
@@ -368,16 +370,16 @@ def _check_gguf_layout(path: str) -> None:
             elif vtype == _GGUF_STRING:
                 string(what)
             elif vtype == _GGUF_ARRAY:
-                itype = take("I", what + " item type")
-                count = take("Q", what + " item count")
+                itype = take("I", what + "'s item type")
+                count = take("Q", what + "'s item count")
                 if itype in _GGUF_SCALAR_BYTES:
-                    skip(count * _GGUF_SCALAR_BYTES[itype], what + " items")
+                    skip(count * _GGUF_SCALAR_BYTES[itype], what + "'s items")
                 elif itype in (_GGUF_STRING, _GGUF_ARRAY):
                     # each item takes at least 8 (string) or 12 (array) bytes
                     if count * (8 if itype == _GGUF_STRING else 12) > size - off:
-                        raise bad(f"{what} ({count} items)")
+                        raise too_long(f"{what} ({count} items)")
                     for _ in range(count):
-                        value(itype, what + " item", depth + 1)
+                        value(itype, "an item of " + what, depth + 1)
                 else:
                     raise bad(f"{what} of unknown item type {itype}")
             else:
@@ -386,7 +388,7 @@ def _check_gguf_layout(path: str) -> None:
         n_tensors = take("Q", "the tensor count")
         n_kv = take("Q", "the key/value count")
         if n_kv * 12 > size - off or n_tensors * 28 > size - off:  # smallest entry each
-            raise bad(f"{n_kv} key/values and {n_tensors} tensors")
+            raise too_long(f"{n_kv} key/values and {n_tensors} tensors")
         for _ in range(n_kv):
             string("a key")
             value(take("I", "a value type"), "a value")
