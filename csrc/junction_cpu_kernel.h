@@ -31,6 +31,18 @@
 // is one vector accumulator over the column steps in order, then the same reduce_add4 tree
 // whatever its position), so a row's outputs are bit-identical for any batch size or position
 // (tests/test_batch_invariance.py).
+//
+// Restructurings measured on Zen 4 (2-core VM, 1 thread, 2026-12-03) and not kept (each gave
+// the same bits as this layout, so only speed decided):
+//   * pass A fused with the bf16 projection of the first 16 concepts, column chunks of 512
+//     with V's chunk packed in L1 and the next row's chunk prefetched (T = 256, d = 2048, K =
+//     16): 243 us against 220 us for passes A + B.  The bf16 add pass is bound by instruction
+//     throughput (~8.5 cycles per 16 elements: widen, add, round, store, square), not by
+//     memory, so the projection's vdpbf16ps work had nothing to hide behind.
+//   * pass B cut into column chunks of 1 KiB of V per concept (so the block's V chunk stays
+//     in L1 across row blocks, accumulators parked between chunks): fp32 K = 171 fell from
+//     63-78 to 37-52 GFLOP/s.  Whole-row streams suit the hardware prefetcher better than
+//     short chunks, and L2 -> L1 bandwidth was not the limit.
 
 constexpr int kRows = 4;                     // rows per register block
 constexpr int kDotK = Vec::W == 16 ? 6 : 2;  // concepts per projection block (acc = 24 / 8)

@@ -299,6 +299,120 @@ def test_generate_left_padding_rows_match_alone(llama, bank):
     torch.testing.assert_close(tr[1], tr1[0], **TOL)
 
 
+def test_padding_is_read_from_2d_4d_and_dict_masks():
+    """real_tokens: the pads of the forward's S new tokens from every mask form the decoder
+    stack can receive; a token is a pad when it may not attend to itself (sliding windows and
+    causality always allow the diagonal)."""
+    from steerkernel.integrations.hf.attach import real_tokens
+
+    B, S, past = 2, 4, 2
+    kv = past + S + 3  # a static cache's unused tail columns
+    want = torch.tensor([[True, True, True, True], [False, False, True, True]])
+    keys = torch.ones(B, kv, dtype=torch.bool)
+    keys[1, past:past + 2] = False
+    q = torch.arange(past, past + S)
+    causal = torch.arange(kv)[None, :] <= q[:, None]
+    allowed = causal[None, None] & keys[:, None, None, :]  # [B, 1, S, kv]
+    additive = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    window = allowed & (torch.arange(kv)[None, :] > q[:, None] - 2)[None, None]
+    assert torch.equal(real_tokens(torch.cat([torch.ones(B, 3), want.float()], 1), B, S, 0), want)
+    assert torch.equal(real_tokens(allowed, B, S, past), want)
+    assert torch.equal(real_tokens(additive, B, S, 0, cache_position=q), want)
+    assert torch.equal(real_tokens(additive.masked_fill(~allowed, float("-inf")), B, S, past),
+                       want)
+    assert torch.equal(real_tokens(window, B, S, past), want)
+    assert torch.equal(real_tokens({"sliding_attention": window, "full_attention": allowed},
+                                   B, S, past), want)
+    for unknown in (None, allowed[:1], allowed[:, :, :2], torch.ones(B, S - 1), object()):
+        assert real_tokens(unknown, B, S, past) is None
+    assert real_tokens(allowed, B, S, kv) is None  # columns past the mask: not understood
+
+
+def test_static_cache_generation_skips_padding_like_the_dynamic_cache(llama, bank):
+    """generate(cache_implementation="static") hands the decoder stack a 4-D mask: pads are
+    still left out of traces and never steered (a pad that fired a latched gate changed the
+    text before)."""
+    ids, mask = batch(B=2, S=8, pad=(0, 3), seed=5)
+    out = {}
+    for cache in ("dynamic", "static"):
+        with torch.no_grad(), steerkernel.attach(llama, bank, program="c0=+0.5?c1>-9!") as h:
+            kw = {} if cache == "dynamic" else {"cache_implementation": "static"}
+            seq = llama.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
+                                 pad_token_id=0, **kw)
+            out[cache] = seq, h.trace()
+    (seq_d, tr_d), (seq_s, tr_s) = out["dynamic"], out["static"]
+    assert [t.shape[0] for t in tr_s] == [t.shape[0] for t in tr_d] == [10, 7]
+    assert torch.equal(seq_s, seq_d)
+    for a, b in zip(tr_s, tr_d):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def test_multimodal_wrapper_dict_masks_skip_padding():
+    """Gemma3ForConditionalGeneration passes its language model a dict of 4-D masks."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    tc = tf.Gemma3TextConfig(vocab_size=300, hidden_size=32, intermediate_size=64,
+                             num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                             head_dim=8, sliding_window=16)
+    vc = tf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                               num_attention_heads=4, image_size=28, patch_size=14)
+    model = tf.Gemma3ForConditionalGeneration(tf.Gemma3Config(
+        text_config=tc, vision_config=vc, mm_tokens_per_image=4, image_token_index=299,
+        boi_token_index=297, eoi_token_index=298)).eval()
+    ids = torch.randint(5, 290, (2, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad(), steerkernel.attach(model, random_bank(model, K=3)) as h:
+        model(input_ids=ids, attention_mask=mask)
+        assert [t.shape[0] for t in h.trace()] == [8, 5]
+
+
+def test_gradient_forwards_are_refused_whatever_requires_grad():
+    """Not only the first parameter: a frozen embedding with trainable layers (LoRA-style), or
+    a frozen model fed inputs_embeds that require grad, would lose gradients silently."""
+    model = tiny_model("llama")
+    ids = torch.randint(3, 90, (1, 5))
+    with steerkernel.attach(model, random_bank(model, K=3)):
+        model.get_input_embeddings().weight.requires_grad_(False)
+        with pytest.raises(RuntimeError, match="inference only"):
+            model(ids)
+        model.requires_grad_(False)
+        emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        with pytest.raises(RuntimeError, match="inference only"):
+            model(inputs_embeds=emb)
+        got = model(ids).logits  # nothing requires grad: allowed, and equal to no_grad
+        assert not got.requires_grad
+        torch.testing.assert_close(got, forward(model, ids))
+
+
+def test_one_handle_per_decoder_stack_and_copies_refuse_to_run(bank):
+    """attach(model.model) while model is attached (and the reverse) is refused; a deepcopy
+    made while attached refuses to run instead of steering with the original's layers."""
+    import copy
+
+    model = tiny_model("llama")
+    ids = torch.randint(3, 90, (1, 6))
+    stock = forward(model, ids)
+    with steerkernel.attach(model, bank, program="c0=+5"):
+        with pytest.raises(SpecError, match="already steered"):
+            steerkernel.attach(model.model, random_bank(model.model, K=3))
+        twin = copy.deepcopy(model)
+        with pytest.raises(RuntimeError, match="copy"):
+            forward(twin, ids)
+        steered = forward(model, ids)
+    assert not torch.allclose(steered, stock)
+    torch.testing.assert_close(forward(model, ids), stock, rtol=0, atol=0)
+    no_trace_of_attach(model)
+    inner_bank = random_bank(model.model, K=3)
+    with steerkernel.attach(model.model, inner_bank):
+        with pytest.raises(SpecError, match="already steered"):
+            steerkernel.attach(model, bank)
+    with steerkernel.attach(model, bank):  # both detached: attaching again works
+        pass
+    no_trace_of_attach(model)
+
+
 # ------------------------------------------------------------------------------ compile
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
 def test_torch_compile(llama, bank, backend):

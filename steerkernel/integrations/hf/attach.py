@@ -11,7 +11,10 @@ Per forward of ``B`` rows × ``S`` new tokens (``T = B·S`` token rows, row-majo
 
 * token ``(b, s)`` gets slot ``b + 1`` if row ``b`` has a program that applies in the current
   phase (``prompt`` when the KV cache is empty, ``generated`` after), else slot 0; padded
-  positions (attention mask 0) always get slot 0 and are left out of the traces;
+  positions always get slot 0 and are left out of the traces.  Padding is read from the mask
+  the decoder stack receives: a 2-D ``[B, >= S]`` mask (0 = pad), or the 4-D ``[B, 1, S, KV]``
+  mask ``generate`` builds for a static cache (bool, or additive float) and the dict of such
+  masks multimodal wrappers pass, where a token is a pad when it may not attend to itself;
 * at bank layer position ``i`` (decoder layer ``bank.layers[i]``) the junction writes the
   scores ``p = V_i h`` ``[T, K]`` into the monitor buffer and applies the slot's
   ``clamp(p + shift, lo, hi)`` update (docs/design.md §2);
@@ -19,7 +22,13 @@ Per forward of ``B`` rows × ``S`` new tokens (``T = B·S`` token rows, row-majo
   ``[n_tokens, L, K]``.
 
 Inference only: the junction writes activations in place, which autograd cannot track, so a
-forward with gradients enabled on trainable parameters is refused.
+forward with gradients enabled is refused when any parameter of the model, or the
+``inputs_embeds`` it is given, requires grad.
+
+One handle per decoder stack: attaching to a model whose decoder layers another live handle
+already patches (say ``model.model`` while ``model`` is attached) is refused.  A copy of an
+attached model (``copy.deepcopy``) shares the original handle's hooks and fused forwards, so
+its forwards are refused with an error; copy before attaching or after detaching.
 """
 from __future__ import annotations
 
@@ -46,6 +55,8 @@ from .trace import TraceStore
 PATHS = ("auto", "fused", "generic")
 
 _ATTACHED: "weakref.WeakKeyDictionary[nn.Module, SteeringHandle]" = weakref.WeakKeyDictionary()
+#: the decoder stacks and layers live handles patch (so no second handle patches them)
+_CLAIMED: "weakref.WeakKeyDictionary[nn.Module, SteeringHandle]" = weakref.WeakKeyDictionary()
 _MISSING = object()
 
 
@@ -130,7 +141,7 @@ class SteeringHandle:
         self._pending_rows: Optional[list] = None
         self._slot_key = None
         self._slot_cache: Optional[Tensor] = None
-        self._first_param = next(model.parameters())
+        self._params = list(model.parameters())
         self._attached = False
         self._warned_inputs = False
         self._base_params = [p.name for p in inspect.signature(base.forward).parameters.values()
@@ -151,6 +162,8 @@ class SteeringHandle:
         self._hooks.append(self._base.register_forward_hook(post))
         self._attached = True
         _ATTACHED[self.model] = self
+        for m in (self._base, *self._layer_list):
+            _CLAIMED[m] = self
 
     def detach(self) -> None:
         """Remove every hook and fused forward: the model behaves exactly as before attach."""
@@ -167,6 +180,9 @@ class SteeringHandle:
         self._forwards.clear()
         self._attached = False
         _ATTACHED.pop(self.model, None)
+        for m in (self._base, *self._layer_list):
+            if _CLAIMED.get(m) is self:
+                del _CLAIMED[m]
 
     @property
     def attached(self) -> bool:
@@ -264,13 +280,22 @@ class SteeringHandle:
         return slots, gated, latched
 
     def _pre_forward(self, module, args, kwargs):
-        if torch.is_grad_enabled() and self._first_param.requires_grad:
+        if module is not self._base:
             raise RuntimeError(
-                "steerkernel: an attached model runs inference only (the junction edits "
-                "activations in place, which autograd cannot track); call it under "
-                "torch.no_grad() or torch.inference_mode()")
+                f"steerkernel: this {type(module).__name__} is a copy of a model that was "
+                "attached when it was copied (copy.deepcopy kept the original handle's hooks "
+                "and fused forwards, which run the original's layers); copy the model before "
+                "attach or after detach")
         bound = dict(zip(self._base_params, args))
         bound.update(kwargs)
+        if torch.is_grad_enabled():
+            emb = bound.get("inputs_embeds")
+            if (isinstance(emb, Tensor) and emb.requires_grad) \
+                    or any(p.requires_grad for p in self._params):
+                raise RuntimeError(
+                    "steerkernel: an attached model runs inference only (the junction edits "
+                    "activations in place, which autograd cannot track); call it under "
+                    "torch.no_grad() or torch.inference_mode()")
         x = bound.get("input_ids")
         if x is None:
             x = bound.get("inputs_embeds")
@@ -297,12 +322,9 @@ class SteeringHandle:
         self._batch, self._phase = B, phase
 
         valid = None
-        mask = bound.get("attention_mask")
-        if isinstance(mask, Tensor) and mask.dim() == 2 and mask.shape[0] == B \
-                and mask.shape[1] >= S:
-            v = mask[:, -S:] != 0
-            if not bool(v.all()):
-                valid = v
+        v = real_tokens(bound.get("attention_mask"), B, S, past, bound.get("cache_position"))
+        if v is not None and not bool(v.all()):
+            valid = v
 
         slots, gated, latched = self._row_slots(B, phase)
         slot = None
@@ -347,6 +369,45 @@ class SteeringHandle:
         if rows is not None and self._store is not None:
             self._store.record(rows)
         return None
+
+
+def real_tokens(mask, B: int, S: int, past: int, cache_position=None) -> Optional[Tensor]:
+    """``[B, S]`` bool, False at padded positions of the forward's ``S`` new tokens, read from
+    the attention mask the decoder stack receives; None when the mask says nothing (absent, or
+    a form not understood, e.g. a flex-attention BlockMask).
+
+    * 2-D ``[B, >= S]`` (1 = token, 0 = pad): its last ``S`` columns.
+    * 4-D ``[B, 1 or H, S, KV]`` (what ``generate`` passes with a static cache): bool (True =
+      may attend) or additive float (0 = may attend, a large negative number or -inf = masked).
+      Token ``s`` sits at key column ``cache_position[s]`` (else ``past + s``); it is a pad
+      exactly when it may not attend to itself, whatever the causal or sliding-window
+      structure around it (both always allow the diagonal).
+    * a dict of such masks (multimodal wrappers such as Gemma-3's): its ``full_attention``
+      entry, else its first tensor.
+    """
+    if isinstance(mask, dict):
+        full = mask.get("full_attention")
+        mask = full if isinstance(full, Tensor) else next(
+            (m for m in mask.values() if isinstance(m, Tensor)), None)
+    if not isinstance(mask, Tensor) or mask.dim() not in (2, 4) or mask.shape[0] != B:
+        return None
+    if mask.dim() == 2:
+        return mask[:, -S:] != 0 if mask.shape[1] >= S else None
+    if mask.shape[2] != S:
+        return None
+    kv = mask.shape[3]
+    if isinstance(cache_position, Tensor) and cache_position.numel() == S:
+        cols = cache_position.reshape(S).to(device=mask.device, dtype=torch.long).clamp(0, kv - 1)
+    elif past + S <= kv:
+        cols = torch.arange(past, past + S, device=mask.device)
+    else:
+        return None
+    diag = mask[:, 0, torch.arange(S, device=mask.device), cols]  # [B, S]
+    if diag.dtype == torch.bool:
+        return diag
+    if diag.is_floating_point():
+        return diag > torch.finfo(diag.dtype).min / 2
+    return diag != 0
 
 
 def _runs(flags: Sequence[bool]) -> List[Tuple[bool, int]]:
@@ -402,6 +463,10 @@ def attach(model: nn.Module, bank, monitor=True, program: ProgramLike = None, *,
     model_type = getattr(cfg, "model_type", None)
     fam: Optional[Family] = family_for(model_type) if path != "generic" else None
     base, layer_list = find_decoder_layers(model, num_layers, fam.layer_classes if fam else ())
+    owner = next((_CLAIMED[m] for m in (base, *layer_list) if m in _CLAIMED), None)
+    if owner is not None and owner.attached:
+        raise SpecError(f"this model's decoder layers are already steered by a steerkernel handle "
+                        f"attached to a {type(owner.model).__name__}; detach it first")
     _check_bank(bank, model, num_layers, d)
 
     params = list(model.parameters())
