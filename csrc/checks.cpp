@@ -165,6 +165,7 @@ JunctionParams check_and_pack(const at::Tensor& residual, const OptTensor& V, co
   } else {
     SK_CHECK(!V, "V given without scores: the readout needs its buffer");
   }
+  SK_CHECK(norms.defined(), "norms is required");
   check_tensor(norms, "norms", dev, 1);
   SK_CHECK(norms.size(0) == T, "norms must have shape [", T, "], got ", norms.sizes());
   SK_CHECK(norms.scalar_type() == at::kFloat, "norms must be float32, got ",

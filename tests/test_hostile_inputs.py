@@ -828,6 +828,7 @@ CHILD = textwrap.dedent(r'''
         "scores wrong K": dict(scores=torch.zeros(T, K + 1)),
         "scores wrong T": dict(scores=torch.zeros(T - 1, K)),
         "scores float64": dict(scores=torch.zeros(T, K, dtype=torch.float64)),
+        "norms missing": dict(norms=None),
         "scores 1-D": dict(scores=torch.zeros(T * K)),
         "scores on meta": dict(scores=torch.zeros(T, K, device="meta")),
         "norms wrong T": dict(norms=torch.zeros(T + 1)),

@@ -6,6 +6,8 @@ the interpreter is slow; on a GPU machine it joins the grid here.
 """
 import itertools
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -374,6 +376,47 @@ def test_torch_compile_sees_the_op(backend, device):
     for x, y in zip(a, b):
         assert torch.equal(x, y)
     assert torch.equal(kw1["residual"], kw2["residual"])
+
+
+FIRST_CALL_COMPILED = r"""
+import sys, torch
+from steerkernel.ops import junction
+backend = None if sys.argv[1] == "auto" else sys.argv[1]
+f = lambda r, x, w: junction(r, None, x=x, weight=w, backend=backend)[2]
+r, x, w = torch.randn(4, 8), torch.randn(4, 8), torch.rand(8) + 0.5
+r2 = r.clone()
+got = torch.compile(f, backend="eager", fullgraph=True)(r, x, w)  # the process's first call
+want = junction(r2, None, x=x, weight=w, backend="reference")[2]
+torch.testing.assert_close(got, want)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"] + [b for b, _ in NATIVE])
+def test_torch_compile_fullgraph_as_the_first_call(backend):
+    """The backend is probed (extension loaded, dispatch table read) on first use; when that
+    first use is inside torch.compile(fullgraph=True) the choice is made at trace time instead
+    of being traced (it once failed: 'Failed to trace builtin operator')."""
+    proc = subprocess.run([sys.executable, "-c", FIRST_CALL_COMPILED, backend],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def test_reference_backend_records_no_autograd_history():
+    """Like the kernels, the oracle leaves no grad_fn on the buffers it writes when an input
+    requires grad, and may write buffers made under inference mode."""
+    residual, w = torch.randn(3, 8), torch.ones(8)
+    x = torch.randn(3, 8, requires_grad=True)
+    junction(residual, None, x=x, weight=w, backend="reference")
+    assert residual.grad_fn is None and not residual.requires_grad
+    junction(residual, None, x=torch.randn(3, 8), weight=w, backend="reference")  # accepted
+    with torch.inference_mode():
+        scores, norms = torch.zeros(3, 2), torch.zeros(3)
+    r = torch.randn(3, 8)
+    want = junction(r.clone(), torch.eye(2, 8), x=torch.ones(3, 8), backend="reference")
+    junction(r, torch.eye(2, 8), x=torch.ones(3, 8), scores=scores, norms=norms,
+             backend="reference")
+    assert torch.equal(scores, want[0]) and torch.equal(norms, want[1])
 
 
 def test_public_api_names():

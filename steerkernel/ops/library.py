@@ -27,7 +27,17 @@ from .reference import junction_reference_
 _lib = torch.library.Library("steerkernel", "FRAGMENT")
 _lib.define("junction_reference" + SCHEMA)
 _lib.define("junction_triton" + SCHEMA)
-_lib.impl("junction_reference", junction_reference_, "CompositeExplicitAutograd")
+
+
+def _reference_kernel(*args) -> None:
+    """The oracle run as a kernel: under inference mode, like the C++ and Triton kernels it
+    records no autograd history on the buffers it writes (an ``x`` or ``V`` that requires grad
+    would otherwise give ``residual`` a grad_fn) and may write inference-mode buffers."""
+    with torch.inference_mode():
+        junction_reference_(*args)
+
+
+_lib.impl("junction_reference", _reference_kernel, "CompositeExplicitAutograd")
 
 
 def _fake(*args, **kwargs) -> None:
@@ -96,13 +106,26 @@ def set_chooser(chooser: Callable[[torch.device, Optional[str]], str]) -> None:
     _CHOOSER = chooser
 
 
+@torch.compiler.assume_constant_result
+def _choose_at_trace_time(device_type: str, index: Optional[int], requested: Optional[str]
+                          ) -> str:
+    """The chooser run by torch.compile at trace time, its answer a constant of the graph: the
+    first call of a process may come from compiled code, where probing a backend (loading the
+    extension, reading files) cannot be traced."""
+    device = torch.device(device_type) if index is None else torch.device(device_type, index)
+    return _CHOOSER(device, requested)
+
+
 def choose_backend(device: torch.device, requested: Optional[str] = None
                    ) -> Tuple[str, torch._ops.OpOverload]:
     """``(name, op)`` of the backend a call on ``device`` uses (``requested`` if given)."""
     if _CHOOSER is None:
         raise RuntimeError("steerkernel.junction: no backend chooser installed; "
                            "import steerkernel.backends (importing steerkernel does)")
-    name = _CHOOSER(device, requested)
+    if torch.compiler.is_compiling():  # traced: choose (probe, load, read the table) eagerly
+        name = _choose_at_trace_time(device.type, device.index, requested)
+    else:
+        name = _CHOOSER(device, requested)
     op = _BACKEND_OPS.get(name)
     if op is None:
         raise RuntimeError(f"steerkernel.junction: backend {name!r} was chosen but has not "
