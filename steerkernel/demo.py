@@ -296,7 +296,6 @@ def run_demo(out_dir: str = "steerkernel-demo", *, model=None, tokenizer=None, b
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise NotADirectoryError(f"output path {out_dir!r} exists and is not a directory")
-    os.makedirs(out_dir, exist_ok=True)
 
     # 1. model
     t0 = time.perf_counter()
@@ -335,6 +334,15 @@ def run_demo(out_dir: str = "steerkernel-demo", *, model=None, tokenizer=None, b
     acc_s = f"; held-out probe accuracy {acc:.2f} (chance {1 / bank.K:.2f})" if acc else ""
     echo(f"[2/5] concept bank: {bank.K} concepts x {bank.L} layers, default layer "
          f"{bank.default_layer}{acc_s}; {how} in {time.perf_counter() - t0:.1f} s")
+    if program is None:
+        program = calibrated_program(bank, n_layers)
+        source = "calibrated strengths (steerkernel calibrate)" if program else \
+            "default strengths (this bank has no calibrated ones)"
+        program = program or default_program(n_layers)
+    else:
+        source = "given"
+    compile_program(program, bank)  # unknown concepts / layers: fail before anything is written
+    os.makedirs(out_dir, exist_ok=True)
     files = {}
     geometry = None
     if bank.K >= 3:
@@ -356,14 +364,6 @@ def run_demo(out_dir: str = "steerkernel-demo", *, model=None, tokenizer=None, b
             plot_circumplex(bank, files["circumplex"], layer)
 
     # 3. generate: every scenario unsteered and steered, in one batch
-    if program is None:
-        program = calibrated_program(bank, n_layers)
-        source = "calibrated strengths (steerkernel calibrate)" if program else \
-            "default strengths (this bank has no calibrated ones)"
-        program = program or default_program(n_layers)
-    else:
-        source = "given"
-    compile_program(program, bank)  # unknown concepts / layers: fail before generating
     prompts, spans = [], []
     for s in chosen:
         ids = chat_ids(tokenizer, s["messages"])

@@ -117,9 +117,21 @@ def default_file_mode() -> int:
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same directory + ``os.replace``,
-    so readers see either the old file or the complete new one."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
+    so readers see either the old file or the complete new one.  A symbolic link is written
+    through (its target is replaced; the link stays), and anything that is not a regular file
+    (a character device such as ``/dev/null``) is written in place, never replaced."""
+    path = os.path.realpath(os.fspath(path))
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode):
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(f"{path!r} is a directory")
+        with open(path, "wb") as f:
+            f.write(data)
+        return
+    folder = os.path.dirname(path)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"directory {folder!r} does not exist (writing {path!r})")
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
@@ -146,7 +158,14 @@ def save_png(fig, path: PathLike) -> None:
 
 
 __all__ = ["MAX_TEXT_INPUT_BYTES", "check_regular_file", "read_text_input", "check_output_file",
-           "default_file_mode", "atomic_write_bytes", "save_png"]
+           "default_file_mode", "atomic_write_bytes", "save_png", "text_lines"]
+
+
+def text_lines(text: str) -> list:
+    """The lines of ``text`` split at ``\n`` only (a trailing ``\r`` dropped): unlike
+    ``str.splitlines`` it keeps U+2028, U+2029, U+0085 and the other Unicode line breaks, which
+    are legal inside a JSON string and part of a prompt's text."""
+    return [ln[:-1] if ln.endswith("\r") else ln for ln in text.split("\n")]
 
 
 def jsonl_records(lines: Iterable[str], where: str,

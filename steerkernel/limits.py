@@ -11,6 +11,26 @@ QUOTE_CHARS = 80
 #: a decimal number as programs and rules write it
 NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
 NUMBER_RE = re.compile(NUMBER)
+#: a concept name as programs and rules write it: bare (no space, control or grammar
+#: character) or in double quotes with ``\"`` and ``\\`` escaping a quote and a backslash
+NAME_BARE = r'[^\s\x00-\x1f\x7f=<>@:?;,!"\\]+'
+NAME_QUOTED = r'"(?:[^"\\]|\\.)*"'
+NAME_BARE_RE = re.compile(NAME_BARE)
+NAME_RE = re.compile(rf"{NAME_QUOTED}|{NAME_BARE}")
+
+
+def unquote_name(text: str) -> str:
+    """A concept as written (a match of :data:`NAME_RE`) -> the name."""
+    if text.startswith('"'):
+        return re.sub(r"\\(.)", r"\1", text[1:-1], flags=re.S)
+    return text
+
+
+def format_name(name: str) -> str:
+    """The name as programs and rules write it: bare when it can be, else quoted."""
+    if NAME_BARE_RE.fullmatch(name):
+        return name
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def quote_input(value, limit: int = QUOTE_CHARS) -> str:

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from .errors import SpecError
+from .limits import quote_input
 from .monitor import AlarmRule, MonitorEngine
 from .monitor.engine import AlarmEvent
 
@@ -196,7 +197,9 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int,
 
 
 def _sample(logits: Tensor, history: List[List[int]], temperature: float, top_k: int,
-            repetition_penalty: float, gen: torch.Generator) -> Tensor:
+            repetition_penalty: float, gen) -> Tensor:
+    """Next tokens ``[B]``; ``gen``: one ``torch.Generator`` for the batch, or a list of one
+    per row (each row then drawn on its own)."""
     logits = logits.float()
     if repetition_penalty != 1.0:
         for b, ids in enumerate(history):
@@ -211,8 +214,13 @@ def _sample(logits: Tensor, history: List[List[int]], temperature: float, top_k:
     if 0 < top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, -math.inf)
-    probs = torch.softmax(logits, -1)
-    return torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(1).to(logits.device)
+    probs = torch.softmax(logits, -1).cpu()
+    if isinstance(gen, list):
+        picked = torch.cat([torch.multinomial(probs[b:b + 1], 1, generator=g)[:, 0]
+                            for b, g in enumerate(gen)])
+    else:
+        picked = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+    return picked.to(logits.device)
 
 
 def _resolve_rules(rules: Sequence, bank, layer: int) -> List[AlarmRule]:
@@ -222,8 +230,12 @@ def _resolve_rules(rules: Sequence, bank, layer: int) -> List[AlarmRule]:
         r = r if isinstance(r, AlarmRule) else AlarmRule.parse(r)
         if r.layer is None:
             r = dataclasses.replace(r, layer=layer)
-        bank.concept_index(r.concept)  # UnknownConceptError names the bank's concepts
-        bank.layer_index(r.layer)
+        k = bank.concept_index(r.concept)  # UnknownConceptError names the bank's concepts
+        li = bank.layer_index(r.layer)
+        if r.zscore and not bool(bank.baseline_std[li, k].isfinite()):
+            raise SpecError(f"alarm rule {quote_input(r.label)}: the bank has no baseline "
+                            f"statistics for {quote_input(r.concept)} at layer {r.layer}, so "
+                            "its z-score is undefined; write a raw rule (without 'z')")
         out.append(r)
     return out
 
@@ -234,8 +246,8 @@ def generate_monitored(model, tokenizer, bank, prompts: Sequence[Sequence[int]],
                        seed: int = 0, rules: Sequence = (), sinks: Sequence = (),
                        layer: Optional[int] = None, backend: Optional[str] = None,
                        on_token: Optional[Callable[[TokenRecord], None]] = None,
-                       on_alarm: Optional[Callable[[int, AlarmEvent], None]] = None
-                       ) -> List[Generation]:
+                       on_alarm: Optional[Callable[[int, AlarmEvent], None]] = None,
+                       row_seeds: Optional[Sequence[int]] = None) -> List[Generation]:
     """Generate from a batch of prompts (token-id lists), monitoring every bank layer and
     steering row ``b`` with ``programs[b]`` (None: not steered).
 
@@ -244,7 +256,10 @@ def generate_monitored(model, tokenizer, bank, prompts: Sequence[Sequence[int]],
     fires (``rules``: :class:`AlarmRule` objects or strings; a rule without ``@layer`` watches
     ``layer``, default the bank's default layer).  ``sinks`` (e.g. a
     :class:`steerkernel.monitor.JSONLSink`) receive the alarms and one summary per row.
-    Returns one :class:`Generation` per prompt.
+    Sampling draws from one generator seeded with ``seed`` for the whole batch, or with
+    ``row_seeds`` one generator per row: a row's draws then do not depend on the other rows, so
+    two rows with the same seed share their random numbers (``generate --compare``) and a row
+    samples what it would sample alone.  Returns one :class:`Generation` per prompt.
     """
     from .integrations import attach
 
@@ -257,6 +272,8 @@ def generate_monitored(model, tokenizer, bank, prompts: Sequence[Sequence[int]],
         raise ValueError("every prompt needs at least one token")
     if programs is not None and len(programs) != B:
         raise ValueError(f"{len(programs)} programs for {B} prompts")
+    if row_seeds is not None and len(row_seeds) != B:
+        raise ValueError(f"{len(row_seeds)} row seeds for {B} prompts")
     layer = bank.layers[bank.layer_index(layer)]
     rules = _resolve_rules(rules, bank, layer)
     device = next(model.parameters()).device
@@ -275,7 +292,8 @@ def generate_monitored(model, tokenizer, bank, prompts: Sequence[Sequence[int]],
                            sinks=sinks)
     if on_alarm is not None:  # attach names monitor requests (sequence, row)
         engine.on_alarm(lambda ev: on_alarm(int(ev.request_id[1]), ev))
-    gen = torch.Generator().manual_seed(int(seed))
+    gen = (torch.Generator().manual_seed(int(seed)) if row_seeds is None
+           else [torch.Generator().manual_seed(int(s)) for s in row_seeds])
     handle = attach(model, bank, monitor=engine, backend=backend, max_batch=B)
     token_ids: List[List[int]] = [[] for _ in range(B)]
     pieces: List[List[str]] = [[] for _ in range(B)]

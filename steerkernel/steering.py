@@ -89,7 +89,8 @@ import torch
 from torch import Tensor
 
 from .errors import SpecError, UnknownConceptError
-from .limits import MAX_LAYER, NUMBER, NUMBER_RE, QUOTE_CHARS, quote_input  # noqa: F401
+from .limits import (MAX_LAYER, NAME_RE, NUMBER, NUMBER_RE, QUOTE_CHARS,  # noqa: F401
+                     format_name, quote_input, unquote_name)
 
 OPS = ("add", "ablate", "cap_above", "cap_below", "pin")
 #: layer indices of a steer must lie in ``[0, MAX_LAYER)`` (no model comes close; bounds what
@@ -270,13 +271,10 @@ class Program:
 
 # ---------------------------------------------------------------------------- string form
 _NUM = NUMBER
-_BARE = r'[^\s=<>@:?;,!"\\]+'
-_QUOTED = r'"(?:[^"\\]|\\.)*"'
-_BARE_RE = re.compile(_BARE)
 # the scanner's tokens: each regex is matched once at a position and never backtracked into
 # by a later part, so parsing is linear in the entry's length
 _WS_RE = re.compile(r"\s*")
-_NAME_RE = re.compile(rf"{_QUOTED}|{_BARE}")
+_NAME_RE = NAME_RE
 _NUM_RE = NUMBER_RE
 _UNIT_RE = re.compile(r"abs|rel|z")
 _WORD_RE = re.compile(r"ablate|mean")
@@ -285,17 +283,8 @@ _TOKENS_RE = re.compile(r"\w+")
 _RANGE_RE = re.compile(r"(\d+)(?:-(\d+))?")
 
 
-def _name(text: str) -> str:
-    """A concept as written in the string form: bare, or quoted with ``\\`` escapes."""
-    if text.startswith('"'):
-        return re.sub(r"\\(.)", r"\1", text[1:-1], flags=re.S)
-    return text
-
-
-def _format_name(name: str) -> str:
-    if _BARE_RE.fullmatch(name):
-        return name
-    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+_name = unquote_name
+_format_name = format_name
 
 
 def _parse_layers(text: str, entry: str) -> Tuple[int, ...]:

@@ -8,6 +8,7 @@ is built from the built-in corpus truncated to 16 tokens per text (``RECIPE`` pa
 cache key includes the recipe) in a temporary cache.
 """
 import json
+import math
 import os
 from importlib.resources import files
 import subprocess
@@ -115,6 +116,17 @@ BAD = [
      "does not exist"),
     (["extract", "--out", "bank.txt"], "extract", ".safetensors"),
     (["bench", "--size", "huge"], "bench", "invalid choice"),
+    (["generate", "--steer", ";", "hi"], "generate", "no steering entry"),
+    (["generate", "--seed", "99999999999999999999999", "hi"], "generate", "--seed"),
+    (["eval", "--concept", "calm", "--seed", "-1"], "eval", "--seed"),
+    (["calibrate", "--concepts", "calm", "--save-bank", "x.pt"], "calibrate",
+     "saved as .safetensors"),
+    (["extract", "--out", "b.safetensors", "--layers", "3-1"], "extract", "--layers"),
+    (["extract", "--out", "b.safetensors", "--start-offset", "-5"], "extract", "integer >= 0"),
+    (["extract", "--out", "b.safetensors", "--variance-share", "2"], "extract",
+     "--variance-share"),
+    (["extract", "--out", "b.safetensors", "--holdout-every", "1"], "extract", "hold-out"),
+    (["extract", "--out", "b.safetensors", "--concepts", "serenity"], "extract", "serenity"),
 ]
 
 
@@ -127,6 +139,36 @@ def test_bad_arguments_give_one_line(argv, cmd, needle, capsys):
     prefix = "steerkernel" if cmd == "steerkernel" else f"steerkernel {cmd}"
     assert err[0].startswith(f"{prefix}: error: ") and needle in err[0], err[0]
     assert cap.out == ""
+
+
+def test_bench_refuses_bad_filters_and_impls(capsys):
+    # --system-allocator: in process, no re-exec with the allocator environment
+    assert call(["bench", "--size", "smoke", "--filter", "(", "--no-report",
+                 "--system-allocator"]) == 2
+    assert "not a valid regular expression" in capsys.readouterr().err
+    assert call(["bench", "--size", "smoke", "--impls", "nope", "--no-report",
+                 "--system-allocator"]) == 2
+    assert "unknown 'nope'" in capsys.readouterr().err
+
+
+def test_scenario_list_lists_and_exits_0(capsys):
+    assert call(["monitor", "--scenario", "list"]) == 0
+    out = capsys.readouterr().out.split()
+    assert "deadline_agent" in out and "grieving_user" in out
+
+
+def test_nothing_is_written_before_a_late_error(tiny, tiny_bank, tmp_path, capsys):
+    """Errors that need the bank (an alarm or steer naming an unknown concept) come before the
+    JSONL log is created, the header printed or the demo's folder made."""
+    log = tmp_path / "new.jsonl"
+    assert call(["monitor", "--model", tiny, "--bank", tiny_bank, "--alarm", "nosuch z > 1",
+                 "--jsonl-log", str(log), "hi"]) == 2
+    cap = capsys.readouterr()
+    assert not log.exists() and cap.out == "" and "nosuch" in cap.err
+    out_dir = tmp_path / "demo-out"
+    assert call(["demo", "--model", tiny, "--out", str(out_dir), "--steer", "nosuch=+0.1",
+                 "--quick"]) == 2
+    assert not out_dir.exists()
 
 
 def test_errors_found_after_loading_are_one_line(tiny, tiny_bank, capsys):
@@ -254,6 +296,22 @@ def test_generate_compare(tiny, tiny_bank, capsys):
     assert rc == 0 and "--- unsteered ---" in out and "--- steered (calm=+2) ---" in out
 
 
+def test_generate_compare_rows_share_their_random_draws(tiny, tiny_bank, capsys):
+    """Sampling: the unsteered row of --compare is what a plain run with the same seed
+    samples, and a program that steers nothing gives the same text in both rows."""
+    base = ["generate", "--model", tiny, "--bank", tiny_bank, "Once upon a time",
+            "--max-new-tokens", "8", "--temperature", "1.0", "--seed", "5", "--json"]
+
+    def texts(argv):
+        assert call(argv) == 0
+        recs = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
+        return [r["text"] for r in recs if r["event"] == "summary"]
+
+    alone = texts(base)
+    pair = texts(base + ["--compare", "--steer", "calm=+0@0"])
+    assert pair == alone * 2
+
+
 # ------------------------------------------------------------------------------ live loop
 def test_live_scores_match_a_reread_and_batching(tiny, tiny_bank):
     """Unsteered, a token's in-loop projections (KV-cache decoding) equal a plain re-read of
@@ -291,6 +349,38 @@ def test_extract_and_score(tiny, tiny_bank, tmp_path, capsys):
     assert rc == 0
     recs = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
     assert len(recs) == 2 and set(recs[0]["scores"]) == {"calm", "desperate", "afraid", "happy"}
+    # a raw U+2028 inside a JSON string is one record, not a broken line
+    texts.write_text(json.dumps({"text": "calm\u2028line"}, ensure_ascii=False) + "\n",
+                     encoding="utf-8")
+    assert call(["score", "--model", tiny, "--bank", tiny_bank, "--input", str(texts),
+                 "--json"]) == 0
+    recs = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
+    assert [r["text"] for r in recs] == ["calm\u2028line"]
+    # a bank without baseline statistics (e.g. imported vectors): raw scores, never "nan z"
+    from steerkernel.concepts import ConceptBank
+
+    b = ConceptBank.load(tiny_bank)
+    raw = ConceptBank(b.names, b.layers, b.directions, torch.full_like(b.baseline_mean, math.nan),
+                      torch.full_like(b.baseline_std, math.nan), b.vector_norms, b.resid_norm,
+                      b.default_layer, b.site, b.metadata, b.fingerprint)
+    raw_path = str(tmp_path / "raw.safetensors")
+    raw.save(raw_path)
+    assert call(["score", "--model", tiny, "--bank", raw_path, "--input", str(texts)]) == 0
+    out = capsys.readouterr().out
+    assert "nan" not in out.lower() and "z" not in out.split(":", 1)[1], out
+    # monitoring with it: the table says raw, JSON z is null, a z alarm is refused up front
+    base = ["monitor", "--model", tiny, "--bank", raw_path, "hi", "--max-new-tokens", "2",
+            "--greedy"]
+    assert call(base) == 0
+    assert "raw projection" in capsys.readouterr().out
+    assert call(base + ["--json"]) == 0
+    tok = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()][0]
+    assert set(tok["z"].values()) == {None} and None not in tok["score"].values()
+    log = tmp_path / "log.jsonl"
+    assert call(base + ["--alarm", "calm z > 1", "--jsonl-log", str(log)]) == 2
+    cap = capsys.readouterr()
+    assert "no baseline statistics" in cap.err and not log.exists() and cap.out == ""
+    assert call(base + ["--alarm", "calm > 100"]) == 0  # a raw rule is fine
 
 
 # ------------------------------------------------------------------------------ demo

@@ -125,6 +125,20 @@ def test_prompts_builtin_and_user_files(tmp_path):
     j.write_text(json.dumps({"prompts": [{"id": "x", "text": ""}, "b"]}))
     with pytest.raises(ValueError, match="prompt 0"):
         harness.load_prompts(str(j))
+    # a text file whose first line starts like JSON is still one prompt per line; lines split
+    # at newlines only (U+2028 belongs to a prompt); broken JSON names the file
+    f.write_text("[urgent] build broken\nWrite a poem\u2028in two lines\r\nPlan my weekend\n",
+                 encoding="utf-8")
+    assert [p["text"] for p in harness.load_prompts(str(f))] == [
+        "[urgent] build broken", "Write a poem\u2028in two lines", "Plan my weekend"]
+    j.write_text("[1,")
+    with pytest.raises(ValueError, match=r"p\.json: not valid JSON"):
+        harness.load_prompts(str(j))
+    e = tmp_path / "items.json"
+    for text, why in (("", "not valid JSON"), ("[" * 100000, "nested too deeply")):
+        e.write_text(text)
+        with pytest.raises(ValueError, match=f"items.json: not valid JSON.*{why}|{why}"):
+            choices.load_items(str(e))
 
 
 def test_strength_program():

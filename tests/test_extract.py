@@ -371,6 +371,10 @@ def test_corpus_jsonl(tmp_path):
     c = load_corpus(str(p))
     assert c.texts == {"joy": ["yay", "hooray"], "fear": ["eek"]}
     assert c.negatives == {"joy": ["meh"]} and c.neutral == ["x"]
+    # raw U+2028 / U+2029 / U+0085 are legal inside JSON strings: lines split at \n only
+    odd = [{"concept": "joy", "text": "a\u2028b\u2029c\x85d"}, {"neutral": True, "text": "x"}]
+    p.write_text("\r\n".join(json.dumps(x, ensure_ascii=False) for x in odd), encoding="utf-8")
+    assert load_corpus(str(p)).texts == {"joy": ["a\u2028b\u2029c\x85d"]}
 
 
 @pytest.mark.parametrize("obj,match", [

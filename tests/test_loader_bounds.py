@@ -657,3 +657,34 @@ def test_load_time_and_memory_grow_linearly(growth, loader):
         assert b <= 3 * a, f"{loader}: peak memory grew {b / a:.1f}x on a doubling: {peaks}"
     sizes = [os.path.getsize(s.split(":", 1)[1]) for s in specs[loader]]
     assert peaks[-1] * 1024 <= 8 * sizes[-1] + (64 << 20), (loader, peaks, sizes)
+
+
+# ------------------------------------------------------------------------------ writing files
+def test_atomic_writes_go_through_links_and_never_replace_devices(tmp_path):
+    """Output paths: a symlink is written through (the link stays, its target changes) and a
+    character device is written in place; the temp-file-and-rename dance is for regular files
+    only (it once replaced a device node such as /dev/null with a regular file)."""
+    import stat
+
+    from steerkernel.fileio import atomic_write_bytes
+
+    target = tmp_path / "target.json"
+    target.write_text("old")
+    link = tmp_path / "link.json"
+    link.symlink_to(target.name)
+    atomic_write_bytes(str(link), b"new")
+    assert link.is_symlink() and target.read_text() == "new"
+    plain = tmp_path / "plain.json"
+    atomic_write_bytes(plain, b"x")
+    atomic_write_bytes(plain, b"y")
+    assert plain.read_bytes() == b"y" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "link.json", "plain.json", "target.json"]  # no temp files left
+    with pytest.raises(IsADirectoryError):
+        atomic_write_bytes(tmp_path, b"z")
+    node = tmp_path / "null"
+    try:
+        os.mknod(node, 0o666 | stat.S_IFCHR, os.makedev(1, 3))  # a /dev/null of our own
+    except (PermissionError, OSError) as e:
+        pytest.skip(f"cannot make a device node here: {e}")
+    atomic_write_bytes(str(node), b"discarded")
+    assert stat.S_ISCHR(os.stat(node).st_mode)

@@ -38,6 +38,12 @@ def test_rule_parsing():
     r = AlarmRule.parse("calm@5 < -1.5 for 4 release -0.5")
     assert (r.layer, r.above, r.zscore, r.release) == (5, False, False, -0.5)
     assert r.label == "calm@5 < -1.5 for 4 release -0.5"
+    # every name the steering grammar accepts: bare unicode, digits first, quoted separators
+    for text, name in (("悲しい z > 1", "悲しい"), ("2nd<0", "2nd"), ("calmz>1", "calmz"),
+                       ('"joy, mild"@3 > 0.5', "joy, mild"), ('"say \\"hi\\"" > 1', 'say "hi"')):
+        r = AlarmRule.parse(text)
+        assert r.concept == name, text
+        assert AlarmRule.parse(r.label).concept == name  # the label parses back
 
 
 @pytest.mark.parametrize("text", ["", "desperate", "desperate z >> 2", "desperate > nan",

@@ -314,12 +314,30 @@ def _finite(rec: dict) -> dict:
                 else v) for k, v in rec.items()}
 
 
+#: every implementation name the junction cases can time (``--impls`` picks among them)
+KNOWN_IMPLS = ("fused_cpu", "fused_cuda", "fused_triton", "chain_eager", "chain_compiled",
+               "addnorm_eager", "addnorm_compiled", "vllm_fused_add_rms_norm")
+
+
 def run(args) -> int:
     start = time.time()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         print("steerkernel bench: --device cuda but torch sees no CUDA device", file=sys.stderr)
         return 2
+    for f in args.filter or ():
+        try:
+            re.compile(f)
+        except re.error as e:
+            print(f"steerkernel bench: --filter {f!r} is not a valid regular expression: {e}",
+                  file=sys.stderr)
+            return 2
+    if args.impls:
+        unknown = sorted(set(args.impls.split(",")) - set(KNOWN_IMPLS))
+        if unknown:
+            print(f"steerkernel bench: --impls: unknown {', '.join(map(repr, unknown))}; known: "
+                  f"{', '.join(KNOWN_IMPLS)}", file=sys.stderr)
+            return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     out_dir = args.out or RESULTS_DIR

@@ -27,13 +27,13 @@ BANK_HELP = ("concept bank file (.safetensors / .gguf); default: the built-in em
              "the model, extracted on first use and cached next to the model")
 
 
-def _int_at_least(lo: int, what: str):
+def _int_at_least(lo: int, what: str, hi: Optional[int] = None):
     def parse(text: str) -> int:
         try:
             v = int(text)
         except ValueError:
             v = lo - 1
-        if v < lo:
+        if v < lo or (hi is not None and v > hi):
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         return v
     return parse
@@ -41,6 +41,8 @@ def _int_at_least(lo: int, what: str):
 
 positive_int = _int_at_least(1, "a positive integer")
 nonneg_int = _int_at_least(0, "an integer >= 0")
+#: seeds: numpy's generators take non-negative seeds; < 2^32 keeps derived seeds in int64
+seed_int = _int_at_least(0, "an integer in [0, 2^32)", 2 ** 32 - 1)
 
 
 def finite_float(text: str) -> float:
@@ -117,7 +119,8 @@ def add_generation_options(p, max_new_tokens: int = 64) -> None:
                    help="sample among the k most likely tokens, 0 = all (default %(default)s)")
     g.add_argument("--repetition-penalty", type=finite_float, default=1.0,
                    help="CTRL-style repetition penalty, 1 = none (default %(default)s)")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed (default %(default)s)")
+    g.add_argument("--seed", type=seed_int, default=0,
+                   help="sampling seed, in [0, 2^32) (default %(default)s)")
 
 
 def add_monitor_options(p, top: int = 3) -> None:
@@ -157,7 +160,8 @@ def check_args(args) -> dict:
     for s in steers:
         if not s.strip():
             raise ValueError("--steer: empty steering entry")
-        parse_program(s)  # SpecError names the bad entry
+        if not parse_program(s).steers:  # SpecError names a bad entry
+            raise ValueError(f"--steer {s!r}: no steering entry (only separators)")
     if steers:
         out["program"] = "; ".join(s.strip() for s in steers)
     for r in getattr(args, "alarm", []) or []:
@@ -187,8 +191,10 @@ def read_prompt(args) -> object:
         from ..demo import load_scenarios
 
         scen = load_scenarios()
-        if args.scenario == "list":
-            raise ValueError("scenarios: " + ", ".join(s["name"] for s in scen))
+        if args.scenario == "list":  # list them (stdout) and stop, before the model loads
+            for s in scen:
+                print(s["name"])
+            raise SystemExit(0)
         match = [s for s in scen if s["name"] == args.scenario]
         if not match:
             raise ValueError(f"--scenario: unknown scenario {args.scenario!r} (built-in: "
@@ -247,6 +253,9 @@ def prepare_generation(args, parsed: Optional[dict] = None) -> dict:
     compile_check(parsed["program"], bank)
     li = bank.layer_index(args.layer)
     layer = bank.layers[li]
+    from ..live import _resolve_rules
+
+    _resolve_rules(parsed["rules"], bank, layer)  # unknown concepts / layers: before any output
     return dict(parsed=parsed, prompt=prompt, model=model, tok=tok, bank=bank, li=li,
                 layer=layer, ids=prompt_ids(tok, prompt, args), names=bank.names,
                 sinks=[LogSink(JSONLSink(args.jsonl_log, layer=layer), args.jsonl_log)]
@@ -290,14 +299,18 @@ def num(x: float) -> Optional[float]:
     return round(x, 4) if math.isfinite(x) else None
 
 
-def token_json(rec, names: List[str], li: int, top: int, layer: int) -> str:
+def token_json(rec, names: List[str], li: int, top: int, layer: int,
+               has_stats=None) -> str:
+    """One token as a JSON line; ``has_stats`` ``[K]`` bool: concepts with baseline statistics
+    at the layer (None: all); the others get ``"z": null`` (their z-score is undefined)."""
     from ..live import top_concepts
 
     z = rec.z[li]
+    ok = [True] * len(names) if has_stats is None else [bool(v) for v in has_stats]
     return json.dumps({"event": "token", "row": rec.row, "index": rec.index,
                        "token_id": rec.token_id, "text": rec.text, "layer": layer,
                        "top": [[n, num(v)] for n, v in top_concepts(z, names, top)],
-                       "z": {n: num(z[k]) for k, n in enumerate(names)},
+                       "z": {n: num(z[k]) if ok[k] else None for k, n in enumerate(names)},
                        "score": {n: num(rec.scores[li, k]) for k, n in enumerate(names)}},
                       ensure_ascii=False)
 

@@ -8,7 +8,7 @@ import math
 import sys
 from typing import List, Optional
 
-from ._common import finite_float, nonneg_int, positive_int, printable
+from ._common import finite_float, nonneg_int, positive_int, printable, seed_int
 
 
 def float_list(text: str) -> List[float]:
@@ -46,7 +46,8 @@ def add_common(p, *, strengths: str, strengths_help: str) -> None:
     g.add_argument("--strengths", type=float_list, default=float_list(strengths),
                    help=strengths_help + f" (default {strengths})")
     g.add_argument("--batch-size", type=positive_int, default=32, help="rows per forward")
-    g.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed")
+    g.add_argument("--seed", type=seed_int, default=0,
+                   help="sampling and bootstrap seed, in [0, 2^32)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     o = p.add_argument_group("output")
     o.add_argument("--out", default=None, metavar="FILE.json", help="write the full result")
@@ -85,6 +86,9 @@ def check_files(args, *names: str) -> None:
         v = getattr(args, n, None)
         if v is not None:
             check_output_file(v, "--" + n.replace("_", "-"))
+    save_bank = getattr(args, "save_bank", None)
+    if save_bank is not None and str(save_bank).endswith((".pt", ".pth", ".gguf")):
+        raise InputError(f"--save-bank: banks are saved as .safetensors, not {save_bank!r}")
 
 
 def load(args, concepts=()):

@@ -6,7 +6,7 @@ import os
 from typing import List, Optional
 
 from ..concepts.extract import DEFAULT_START_OFFSET, METHODS
-from ._common import positive_int
+from ._common import nonneg_int, positive_int
 
 
 def add_arguments(p) -> None:
@@ -22,7 +22,7 @@ def add_arguments(p) -> None:
                         "vectors) or pca_diff (RepE)")
     p.add_argument("--concepts", default=None, help="comma-separated subset of the corpus")
     p.add_argument("--out", required=True, help="output bank file (.safetensors)")
-    p.add_argument("--start-offset", type=int, default=DEFAULT_START_OFFSET,
+    p.add_argument("--start-offset", type=nonneg_int, default=DEFAULT_START_OFFSET,
                    help="skip this many leading tokens of every text (default %(default)s)")
     p.add_argument("--variance-share", type=float, default=0.5,
                    help="share of neutral variance projected out (emotion method)")
@@ -65,7 +65,7 @@ def parse_layers(spec: str, n_layers: int) -> Optional[List[int]]:
 def run(args) -> int:
     from ..concepts.corpus import load_corpus
     from ..concepts.extract import extract_bank
-    from ..models import load_model
+    from ..live import load_model_quietly
 
     if not args.out.endswith(".safetensors"):
         raise ValueError(f"--out must be a .safetensors file, got {args.out!r}")
@@ -77,9 +77,13 @@ def run(args) -> int:
     if args.plots is not None and os.path.exists(args.plots) and not os.path.isdir(args.plots):
         # checked now, not after the extraction and after the bank is saved
         raise ValueError(f"--plots: {args.plots!r} exists and is not a directory")
+    if not 0 <= args.variance_share < 1:
+        raise ValueError(f"--variance-share must be in [0, 1), got {args.variance_share:g}")
+    parse_layers(args.layers, 1 << 62)  # the syntax now; the range once the model says it
     corpus = load_corpus(args.corpus)  # fail fast on a bad corpus, before loading the model
     names = [n.strip() for n in args.concepts.split(",") if n.strip()] if args.concepts else None
-    model, tok = load_model(args.model)
+    (corpus.subset(names) if names is not None else corpus).split(args.holdout_every)
+    model, tok = load_model_quietly(args.model)
     layers = parse_layers(args.layers, model.config.get_text_config().num_hidden_layers)
     bank = extract_bank(model, tok, corpus, method=args.method, layers=layers, names=names,
                         start_offset=args.start_offset, batch_size=args.batch_size,

@@ -44,7 +44,8 @@ def run(args) -> int:
 
     def on_token(rec):
         if args.json:
-            out.write(token_json(rec, names, li, args.top, layer) + "\n")
+            out.write(token_json(rec, names, li, args.top, layer,
+                                 bank.baseline_std[li].isfinite()) + "\n")
         elif stream:
             out.write(printable_text(rec.text))
         else:
@@ -57,7 +58,7 @@ def run(args) -> int:
             temperature=args.temperature, top_k=args.top_k,
             repetition_penalty=args.repetition_penalty, seed=args.seed,
             rules=parsed["rules"], sinks=sinks, layer=layer, backend=args.backend,
-            on_token=on_token)
+            on_token=on_token, row_seeds=[args.seed] * len(rows))
     finally:
         for s in sinks:
             s.close()

@@ -43,12 +43,16 @@ def run(args) -> int:
         out.write(f"model {model_name}, bank {bank.K} concepts x {bank.L} layers, layer {layer}"
                   f", {mode}; steering: {printable(parsed['program'] or 'none')}\n")
         out.write(f"prompt: {n_prompt} tokens\n")
-        out.write(f"{'#':>4}  {'token':<{width}}  top {args.top} concepts (z at layer {layer})\n")
+        what = "z" if bool(bank.baseline_std[li].isfinite().any()) else \
+            "raw projection: the bank has no baseline statistics"
+        out.write(f"{'#':>4}  {'token':<{width}}  top {args.top} concepts ({what} at layer "
+                  f"{layer})\n")
         out.flush()
 
     def on_token(rec):
         if args.json:
-            out.write(token_json(rec, names, li, args.top, layer) + "\n")
+            out.write(token_json(rec, names, li, args.top, layer,
+                                 bank.baseline_std[li].isfinite()) + "\n")
         else:
             cells = "  ".join(f"{printable(n)} {v:+.2f}"
                               for n, v in top_concepts(rec.z[li], names, args.top))

@@ -26,10 +26,10 @@ def add_arguments(p) -> None:
 def read_texts(path: str) -> List[str]:
     """The ``"text"`` of every non-blank line of a JSONL file (``"-"``: stdin); a regular file
     of at most :data:`~steerkernel.fileio.MAX_TEXT_INPUT_BYTES` (errors name the line)."""
-    from ..fileio import jsonl_records, read_text_input
+    from ..fileio import jsonl_records, read_text_input, text_lines
 
     texts = []
-    for no, rec in jsonl_records(read_text_input(path, "--input").splitlines(), path):
+    for no, rec in jsonl_records(text_lines(read_text_input(path, "--input")), path):
         if not isinstance(rec, dict) or not isinstance(rec.get("text"), str) \
                 or not rec["text"].strip():
             raise ValueError(f"{path} line {no}: expected an object with a non-empty "
@@ -49,20 +49,26 @@ def _num(x) -> object:
 def run(args) -> int:
     from ..concepts.bank import ConceptBank
     from ..concepts.extract import score_texts
-    from ..models import load_model
+    from ..live import load_model_quietly
 
     bank = ConceptBank.load(args.bank)
     layer = bank.layers[bank.layer_index(args.layer)]  # fail fast on a layer the bank lacks
     texts = read_texts(args.input)
-    model, tok = load_model(args.model)
+    model, tok = load_model_quietly(args.model)
     scores, z = score_texts(model, tok, bank, texts, layer, batch_size=args.batch_size)
     for i, text in enumerate(texts):
         if args.json:
             print(json.dumps({"text": text, "layer": layer,
                               "scores": {n: _num(scores[i, k]) for k, n in enumerate(bank.names)},
                               "z": {n: _num(z[i, k]) for k, n in enumerate(bank.names)}}))
-        else:
-            top = z[i].argsort(descending=True)[:max(args.top, 1)].tolist()
-            shown = "  ".join(f"{printable(bank.names[k])} {float(z[i, k]):+.2f}z" for k in top)
+        else:  # z where the bank has baseline statistics; raw scores where it has none
+            zi = z[i]
+            if bool(zi.isnan().all()) and not bool(scores[i].isnan().all()):
+                vals, unit = scores[i], ""
+            else:
+                vals, unit = zi, "z"
+            top = vals.nan_to_num(nan=-float("inf")).argsort(descending=True)
+            shown = "  ".join(f"{printable(bank.names[k])} {float(vals[k]):+.2f}{unit}"
+                              for k in top[:max(args.top, 1)].tolist())
             print(f"[{i}] {text[:60]!r}: {shown}")
     return 0

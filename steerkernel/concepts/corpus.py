@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..errors import SteerkernelError
-from ..fileio import jsonl_records, read_text_input
+from ..fileio import jsonl_records, read_text_input, text_lines
 from .bank import name_problem
 
 BUILTIN = "builtin"
@@ -221,7 +221,7 @@ def load_corpus(spec: Optional[str] = None) -> Corpus:
         raise FileNotFoundError(f"corpus file {spec!r} does not exist (or use 'builtin')")
     text = read_text_input(spec, "corpus file")  # a regular file, at most 64 MiB
     if spec.endswith(".jsonl"):
-        return corpus_from_jsonl(text.splitlines(), spec)
+        return corpus_from_jsonl(text_lines(text), spec)
     try:
         obj = json.loads(text)
     except (ValueError, RecursionError) as e:

@@ -47,7 +47,11 @@ def load_items(path: Optional[str] = None) -> List[dict]:
     else:
         from ..fileio import read_text_input
 
-        data = json.loads(read_text_input(path, "item file"))
+        try:
+            data = json.loads(read_text_input(path, "item file"))
+        except (ValueError, RecursionError) as e:
+            why = "nested too deeply" if isinstance(e, RecursionError) else e
+            raise ValueError(f"{path}: not valid JSON ({why})") from None
         where = path
     items = data.get("items") if isinstance(data, dict) else data
     if not isinstance(items, list) or not items:

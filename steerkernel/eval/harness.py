@@ -63,12 +63,19 @@ def load_prompts(path: Optional[str] = None) -> List[dict]:
         raw = resources.files("steerkernel").joinpath("data", "eval_prompts.json").read_text(
             encoding="utf-8")
         return json.loads(raw)["prompts"]
-    from ..fileio import read_text_input
+    from ..fileio import read_text_input, text_lines
 
     text = read_text_input(path, "prompt file")
     stripped = text.lstrip()
+    data = None
     if stripped.startswith("{") or stripped.startswith("["):
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError) as e:  # a .json file must parse; others may be text
+            if str(path).lower().endswith(".json"):
+                why = "nested too deeply" if isinstance(e, RecursionError) else e
+                raise ValueError(f"{path}: not valid JSON ({why})") from None
+    if data is not None:
         items = data.get("prompts") if isinstance(data, dict) else data
         if not isinstance(items, list):
             raise ValueError(f"{path}: expected {{'prompts': [...]}} or a JSON list")
@@ -83,7 +90,7 @@ def load_prompts(path: Optional[str] = None) -> List[dict]:
             out.append({"id": str(p.get("id", f"p{i}")), "text": p["text"]})
     else:
         out = [{"id": f"p{i}", "text": ln.strip()}
-               for i, ln in enumerate(text.splitlines()) if ln.strip()]
+               for i, ln in enumerate(text_lines(text)) if ln.strip()]
     if len(out) < 2:
         raise ValueError(f"{path}: an evaluation needs at least 2 prompts (got {len(out)})")
     return out

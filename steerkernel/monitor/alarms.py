@@ -26,11 +26,12 @@ import torch
 from torch import Tensor
 
 from ..errors import SpecError
-from ..limits import MAX_LAYER, NUMBER_RE as _NUM_RE, quote_input
+from ..limits import MAX_LAYER, NAME_RE, NUMBER_RE as _NUM_RE, format_name, quote_input, \
+    unquote_name
 
 #: characters of an alarm rule's string form
 MAX_RULE_CHARS = 1024
-_CONCEPT_RE = re.compile(r"[A-Za-z_][\w\-]*")
+_CONCEPT_RE = NAME_RE  # the steering grammar's names: bare, or quoted ("joy, mild")
 _DIGITS_RE = re.compile(r"\d+")
 _WS_RE = re.compile(r"\s*")
 _SPACE_RE = re.compile(r"\s+")
@@ -131,7 +132,8 @@ class AlarmRule:
             return self.name
         at = f"@{self.layer}" if self.layer is not None else ""
         z = "z " if self.zscore else ""
-        s = f"{self.concept}{at} {z}{'>' if self.above else '<'} {self.threshold:g}"
+        s = (f"{format_name(self.concept)}{at} {z}{'>' if self.above else '<'} "
+             f"{self.threshold:g}")
         if self.consecutive > 1:
             s += f" for {self.consecutive}"
         if self.release is not None:
@@ -159,7 +161,7 @@ class AlarmRule:
         if g["n"] is not None and len(g["n"].lstrip("0")) > _COUNT_DIGITS:
             raise SpecError(f"alarm rule count {quote_input(g['n'])} must be in [1, 1e6]")
         rel = g["rel"]
-        return cls(concept=g["concept"], threshold=float(g["thr"]),
+        return cls(concept=unquote_name(g["concept"]), threshold=float(g["thr"]),
                    above=g["op"] == ">", zscore=g["z"] is not None,
                    consecutive=int(g["n"] or 1),
                    release=float(rel) if rel is not None else None,
