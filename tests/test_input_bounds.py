@@ -507,7 +507,7 @@ def test_process_inputs_reuses_the_async_check(monkeypatch):
     monkeypatch.setattr(patches, "_frontend_check",
                         lambda vc, params: calls.append(1) or (_compiled(1), RequestOptions()))
     p = SimpleNamespace(extra_args={"steerkernel": "x"}, n=1)
-    patches._PRECHECKED[id(p)] = (p, _compiled(1))
+    patches._PRECHECKED[id(p)] = (p, (_compiled(1), RequestOptions()))
     try:
         wrapped = patches._wrap_process_inputs(lambda self, rid, prompt, params: "request")
         self = SimpleNamespace(vllm_config=None, cache_config=None)

@@ -294,6 +294,21 @@ def _fake_forward(model, x0):
     return h, residual
 
 
+def test_parallel_samples_report_under_numbered_keys(tmp_path):
+    """vLLM runs sample i of an n > 1 request as engine request "i_<id>", every sample with
+    the same steerkernel_id: sample 0 reports under the id, sample i under "id#i"."""
+    from types import SimpleNamespace
+
+    state, _ = _fake_state(tmp_path)
+    sp = SimpleNamespace(extra_args={"steerkernel": "c0=+0.7abs", "steerkernel_id": "nn"})
+    keys = [state.admit(f"{i}_19-8d5901ee", sp, prompt_len=3).key for i in range(3)]
+    assert keys == ["nn", "nn#1", "nn#2"]
+    other = state.admit("dup-1", sp, prompt_len=3).key  # not a sample: the engine id
+    assert other == "nn#dup-1"
+    for rid in ["0_19-8d5901ee", "1_19-8d5901ee", "2_19-8d5901ee", "dup-1"]:
+        state.finish(rid)
+
+
 def test_static_buffers_under_torch_compile(tmp_path):
     """The compiled path reads the same static slot / table / score buffers every call (what a
     captured CUDA graph needs) and gives the eager path's results; tables written in place
@@ -438,6 +453,56 @@ def test_prefix_cache_salt_separates_programs():
     d = SimpleNamespace(cache_salt="user")
     salt_request(d, "happy=+0.1rel")
     assert d.cache_salt == a.cache_salt + ":user"
+
+
+def test_prefix_cache_sharing_only_where_a_position_depends_on_its_prefix():
+    """vLLM caches blocks holding generated tokens too, and the next chat turn reads them as
+    prompt positions: blocks are shared on the program only when a position's steering depends
+    on the tokens up to it alone; phase-dependent programs, latches and alarm steer actions
+    make a request's blocks private (a multi-turn ':generated' program once reused blocks
+    steered as generated text as if they were prompt)."""
+    from types import SimpleNamespace
+
+    from steerkernel.integrations.vllm import patches
+    from steerkernel.integrations.vllm.config import RequestOptions
+    from steerkernel.steering import compile_program
+
+    L, d = 4, 16
+    g = torch.Generator().manual_seed(0)
+    dirs = torch.linalg.qr(torch.randn(L, d, 4, generator=g)).Q.transpose(1, 2).contiguous()
+    bank = steerkernel.ConceptBank(
+        names=NAMES, layers=list(range(L)), directions=dirs, baseline_mean=torch.zeros(L, 4),
+        baseline_std=torch.ones(L, 4), vector_norms=torch.ones(L, 4),
+        resid_norm=torch.ones(L), default_layer=1)
+    c0 = NAMES[0]
+    key = patches.cache_key
+    none = RequestOptions()
+    assert key(None, none) is None  # unsteered (monitor / readings only): shared with all
+    assert key(compile_program(f"{c0}=+1@1", bank), none) == \
+        str(compile_program(f"{c0}=+1@1", bank).program)
+    assert key(compile_program(f"{c0}=+1@1?{NAMES[1]}>0", bank), none) == \
+        str(compile_program(f"{c0}=+1@1?{NAMES[1]}>0", bank).program)  # a gate: per position
+    for private in (f"{c0}=+1@1:generated", f"{c0}=+1@1:prompt", f"{c0}=+1@1?{NAMES[1]}>0!"):
+        assert key(compile_program(private, bank), none) == "private", private
+    switched = RequestOptions(None, None, compile_program(f"{c0}=+1@1", bank))
+    assert key(None, switched) == "private"  # an alarm steer action switches mid-request
+
+    # the wrapper: private salts are unique per request, program salts shared
+    def run(program, rid):
+        params = SimpleNamespace(extra_args={"steerkernel": program}, n=1)
+        patches._PRECHECKED[id(params)] = (params, (compile_program(program, bank), none))
+        try:
+            wrapped = patches._wrap_process_inputs(
+                lambda self, r, prompt, p: SimpleNamespace(cache_salt=None))
+            self = SimpleNamespace(vllm_config=None,
+                                   cache_config=SimpleNamespace(enable_prefix_caching=True))
+            return wrapped(self, rid, "p", params).cache_salt
+        finally:
+            patches._PRECHECKED.pop(id(params), None)
+
+    assert run(f"{c0}=+1@1", "a") == run(f"{c0}=+1@1", "b")
+    a, b = run(f"{c0}=+1@1:generated", "a"), run(f"{c0}=+1@1:generated", "a")
+    assert a != b and a.startswith("steerkernel:")
 
 
 # ------------------------------------------------------------------------------ the engine

@@ -455,6 +455,28 @@ def test_bad_options_are_400_with_reason(http, name, args, why):
     assert why in r.json()["error"]["message"], r.text
 
 
+def test_report_ids_with_a_slash_and_beam_search_refused(http, client):
+    """A steerkernel_id may hold '/' (the report route takes the rest of the path); beam
+    search drops extra_args in vLLM, so a steered beam request is a 400, not an unsteered 200."""
+    r = http.post("/v1/completions", json={
+        "model": MODEL_NAME, "prompt": "Hi", "max_tokens": 3, "temperature": 0,
+        **xargs("calm=+0.3", "calm", steerkernel_id="user/7")})
+    assert r.status_code == 200, r.text
+    fin = r.json()["choices"][0]["steerkernel"]
+    assert fin["report_id"] == "user/7"
+    got = http.get("/v1/steerkernel/reports/user/7",
+                   headers={"X-Steerkernel-Report-Token": fin["report_token"]})
+    assert got.status_code == 200 and got.json()["report_id"] == "user/7", got.text
+    r = http.post("/v1/completions", json={
+        "model": MODEL_NAME, "prompt": "Hi", "max_tokens": 3, "temperature": 0, "n": 2,
+        "use_beam_search": True, **xargs("calm=+0.3")})
+    assert r.status_code == 400 and "use_beam_search" in r.json()["error"]["message"], r.text
+    r = http.post("/v1/completions", json={  # unsteered beam search is untouched
+        "model": MODEL_NAME, "prompt": "Hi", "max_tokens": 3, "temperature": 0, "n": 2,
+        "use_beam_search": True})
+    assert r.status_code == 200, r.text
+
+
 def test_report_with_n_above_one_is_400_and_engine_fine(http, client):
     r = http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "Hi", "max_tokens": 2,
                                            "n": 2, "temperature": 1.0,

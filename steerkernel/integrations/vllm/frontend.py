@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, Hashable, List, Optional, Sequence
 
 import torch
@@ -33,8 +33,10 @@ class SteeredOutput:
     """One prompt's result from :func:`generate`.
 
     ``output``: vLLM's ``RequestOutput`` (None when the request was rejected); ``report``: its
-    monitor report (None when not monitored); ``error``: why it was rejected (or a worker-side
-    warning); ``request_id``: the ``steerkernel_id`` it ran under."""
+    monitor report (None when not monitored); ``reports``: with ``n > 1`` samples, one per
+    sample (``report`` is sample 0's); ``error``: why it was rejected (or a worker-side
+    warning); ``request_id``: the ``steerkernel_id`` it ran under (sample ``i > 0``:
+    ``request_id#i``)."""
 
     prompt: Any
     program: Optional[str]
@@ -42,6 +44,7 @@ class SteeredOutput:
     output: Any = None
     report: Optional[VllmReport] = None
     error: Optional[str] = None
+    reports: List[Optional[VllmReport]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -215,13 +218,18 @@ def generate(llm, prompts, sampling_params=None, programs=None, *, monitor: bool
         outs = llm.generate(send_prompts, send_params, use_tqdm=use_tqdm, **generate_kwargs)
         for i, o in zip(send_idx, outs):
             results[i].output = o
-        raw = fetch_raw(llm, [results[i].request_id for i in send_idx])
+        # sample j > 0 of an n > 1 request reports under "<id>#j" (see the worker's keys)
+        keys = {i: [results[i].request_id] + [f"{results[i].request_id}#{j}" for j in
+                                               range(1, int(getattr(send_params[k], "n", 1)))]
+                for k, i in enumerate(send_idx)}
+        raw = fetch_raw(llm, [key for i in send_idx for key in keys[i]])
         for i in send_idx:
             d = raw.get(results[i].request_id)
             if d is not None and d.get("error"):
                 results[i].error = d["error"]
             if monitor:
-                results[i].report = _report(d)
+                results[i].reports = [_report(raw.get(key)) for key in keys[i]]
+                results[i].report = results[i].reports[0]
     return results
 
 

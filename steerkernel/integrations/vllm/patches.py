@@ -99,13 +99,22 @@ def _frontend_check(vllm_config, params):
         raise VLLMValidationError(f"steerkernel: {e}", parameter="extra_args") from e
 
 
+def _steerkernel_given(extra_args) -> bool:
+    from .config import request_args
+
+    try:
+        return request_args(extra_args).given
+    except Exception:  # noqa: BLE001 - a malformed one was refused by the check already
+        return True
+
+
 def _wants_check(params) -> bool:
     return bool(getattr(params, "extra_args", None)) and \
         os.environ.get(FRONTEND_CHECK_ENV, "1") != "0"
 
 
-#: ``id(params)`` -> ``(params, compiled)`` checked by the async path (in a thread) for the
-#: ``process_inputs`` call of the same request, which then does not check it again
+#: ``id(params)`` -> ``(params, (compiled, options))`` checked by the async path (in a thread)
+#: for the ``process_inputs`` call of the same request, which then does not check it again
 _PRECHECKED: Dict[int, Tuple[object, object]] = {}
 
 
@@ -117,18 +126,45 @@ def salt_request(request, program: str) -> None:
     request.cache_salt = f"steerkernel:{digest}" + (f":{old}" if old else "")
 
 
+def cache_key(compiled, options) -> Optional[str]:
+    """What a request's KV blocks may be shared on: ``None`` (no steering: shared with every
+    unsteered request), the program's text (a program whose steering at a position depends on
+    the tokens up to it only), or ``"private"`` (shared with no other request).
+
+    vLLM caches blocks that hold *generated* tokens too, and a later request (the next turn of
+    a chat) reads them as *prompt* positions.  So blocks are private when the steering of a
+    position depends on more than its prefix: a phase-dependent program (``:prompt`` /
+    ``:generated``, whose steering of a token depends on which request generated it), a latch
+    (state a cache hit would not rebuild), or a steer action on an alarm (it switches the
+    program mid-request)."""
+    from .config import slots_needed
+
+    switched = getattr(options, "switched", None)
+    if switched is not None and slots_needed(switched):
+        return "private"
+    if compiled is None or not slots_needed(compiled):
+        return None
+    if compiled.phase_dependent or compiled.latched:
+        return "private"
+    return str(compiled.program)
+
+
 def _wrap_process_inputs(orig):
     def process_inputs(self, request_id, prompt, params, *args, **kwargs):
-        compiled = None
+        checked = None
         if _wants_check(params):
             got = _PRECHECKED.get(id(params))
             if got is not None and got[0] is params:
-                compiled = got[1]
+                checked = got[1]
             else:
-                compiled = _frontend_check(self.vllm_config, params)[0]
+                checked = _frontend_check(self.vllm_config, params)
         request = orig(self, request_id, prompt, params, *args, **kwargs)
-        if compiled is not None and getattr(self.cache_config, "enable_prefix_caching", False):
-            salt_request(request, str(compiled.program))
+        if checked is not None and getattr(self.cache_config, "enable_prefix_caching", False):
+            key = cache_key(*checked)
+            if key == "private":
+                salt_request(request, f"private:{request_id}:{os.urandom(8).hex()}")
+            elif key is not None:
+                salt_request(request, key)
         return request
     return process_inputs
 
@@ -287,6 +323,14 @@ def _wrap_openai_create(orig):
                 getattr(engine, "output_processor", None) is None:
             return await orig(self, request, *args, **kwargs)
         compiled, options = await asyncio.to_thread(_frontend_check, engine.vllm_config, params)
+        if getattr(request, "use_beam_search", False) and _steerkernel_given(xargs):
+            from vllm.exceptions import VLLMValidationError
+
+            raise VLLMValidationError(
+                "steerkernel: use_beam_search cannot carry steering, readings or alarm actions "
+                "(vLLM's beam search drops a request's extra_args, so the request would run "
+                "unsteered); send it without use_beam_search or without the steerkernel "
+                "fields", parameter="use_beam_search")
         per = _request_slots(compiled, options, getattr(request, "n", 1))
         ledger = _ledger(engine) if per else None
         pre = Preadmission(xargs, compiled, options, per, ledger)
@@ -336,7 +380,7 @@ def _wrap_async_add_request(orig):
                 token = ledger.take(pre, need)
             if token is None:
                 token = ledger.reserve(need, _alive(self))
-        _PRECHECKED[id(params)] = (params, compiled)
+        _PRECHECKED[id(params)] = (params, (compiled, options))
         try:
             queue = await orig(self, request_id, prompt, params, *args, **kwargs)
         except BaseException:

@@ -362,7 +362,7 @@ def make_router():
                           for r in rules],
                 "reports_open": bool(cfg.reports_open)}
 
-    @router.get("/reports/{report_id}", summary="A request's full monitor report",
+    @router.get("/reports/{report_id:path}", summary="A request's full monitor report",
                 description="The report of a request that asked for readings: z-scored "
                 "aggregates `[L, K]`, alarms and (with `trace=true`) the per-position z trace "
                 "`[positions, L, K]`. Send the `report_token` its response gave in the "

@@ -29,6 +29,7 @@ Per engine step (host side, before the forward; see :mod:`.patches` for where it
 from __future__ import annotations
 
 import logging
+import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from os import environ as _environ
@@ -96,6 +97,8 @@ class _Forward:
 
 
 _DTYPES = {"float32": torch.float32, "int32": torch.int32, "float64": torch.float64}
+#: the engine request id of sample i of a parallel-sampling (n > 1) request: "i_<parent id>"
+_CHILD_ID = re.compile(r"^(\d+)_")
 
 
 def pack_tensor(t: Optional[Tensor]) -> Optional[dict]:
@@ -404,8 +407,13 @@ class WorkerState:
         self.stats["steered"] += 1
 
     def _unique_key(self, key: Hashable, rid: str) -> Hashable:
+        """``key`` unless a running request holds it: then ``key#i`` for sample ``i`` of a
+        parallel-sampling request (vLLM runs sample ``i`` of an ``n > 1`` request as
+        ``i_<id>``, sample 0 first, all with the same steerkernel_id), else ``key#<rid>``."""
         if key in self._keys and self._keys[key] != rid:
-            key = f"{key}#{rid}"
+            m = _CHILD_ID.match(rid)
+            alt = f"{key}#{m.group(1)}" if m else None
+            key = alt if alt is not None and alt not in self._keys else f"{key}#{rid}"
         self._keys[key] = rid
         return key
 
