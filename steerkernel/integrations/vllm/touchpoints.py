@@ -52,7 +52,9 @@ TOUCH_POINTS: Dict[str, Tuple[TouchPoint, ...]] = {
             patches="front end (LLM, API server): checks a request's steerkernel extra_args "
                     "against the engine's bank before admission (a bad one raises "
                     "VLLMValidationError: HTTP 400); with prefix caching on, salts the "
-                    "request's cache_salt with its program",
+                    "request's cache_salt with its program, or with a private salt when its "
+                    "steering is phase-dependent, latched or switched by an alarm "
+                    "(patches.cache_key)",
             why="a bad program must fail alone, before it reaches the engine loop; KV blocks "
                 "computed under one program must never serve a request with another",
             replacement="validation: a custom logits processor's validate_params (documented; "
