@@ -55,29 +55,6 @@ def FUZZ(n):
                                            HealthCheck.function_scoped_fixture])
 
 
-@pytest.fixture
-def memory_capped():
-    """The random fuzz tests run with the process's address space capped at its size now plus
-    2 GiB, so a damaged file that makes a loader allocate without bound fails that test with a
-    MemoryError instead of the kernel's OOM killer taking the whole test run down (it did once,
-    in CI: a GGUF string value flipped into an array of ~2^60 items).  Linux only."""
-    import resource
-
-    try:
-        with open("/proc/self/status") as f:
-            vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
-    except (OSError, StopIteration):
-        yield
-        return
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    cap = vm + (2 << 30)
-    if hard != resource.RLIM_INFINITY and cap > hard:
-        cap = hard
-    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 COUNTS = {"truncations": 0, "bit_flips": 0, "crafted": 0, "gguf": 0, "vector_files": 0}

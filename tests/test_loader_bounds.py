@@ -451,7 +451,8 @@ def test_odd_pt_banks_on_the_command_line(tmp_path, capsys, kind):
     assert str(p) in line
 
 
-def test_huge_layer_range(tiny_model_dir, tmp_path, capsys, alarm):  # noqa: F811
+def test_huge_layer_range(tiny_model_dir, tmp_path, capsys, alarm,  # noqa: F811
+                          memory_capped):
     line = one_error_line(capsys, ["extract", "--model", tiny_model_dir, "--out",
                                    str(tmp_path / "b.safetensors"), "--layers",
                                    "0-1000000000000", "--no-progress"], "extract")

@@ -37,10 +37,11 @@ def add_arguments(p) -> None:
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
 
-def parse_layers(spec: str, n_layers: int) -> Optional[List[int]]:
+def parse_layers(spec: str, n_layers: Optional[int]) -> Optional[List[int]]:
     """``"all"`` -> None; ``"2,5-7"`` -> ``[2, 5, 6, 7]``; each in ``[0, n_layers)``.  Range
     ends are checked against ``n_layers`` before a range is expanded (``0-1000000000000`` is a
-    prompt error, not a trillion-element set)."""
+    prompt error, not a trillion-element set).  ``n_layers=None`` checks the syntax only
+    (before the model is loaded) and returns None."""
     spec = spec.strip()
     if spec == "all":
         return None
@@ -54,12 +55,14 @@ def parse_layers(spec: str, n_layers: int) -> Optional[List[int]]:
         except ValueError:  # also int() of more than 4300 digits
             raise ValueError(f"--layers: cannot read {part[:40]!r} (use 'all', 'a,b,c' or 'a-b' "
                              "with non-negative integers)") from None
+        if n_layers is None:
+            continue
         if b >= n_layers:
             shown = f"[{b}]" if a == b else f"{max(a, n_layers)}-{b}"
             raise ValueError(f"--layers: {shown} are not layers of this model "
                              f"(0..{n_layers - 1})")
         out.update(range(a, b + 1))
-    return sorted(out)
+    return sorted(out) if n_layers is not None else None
 
 
 def run(args) -> int:
@@ -79,7 +82,7 @@ def run(args) -> int:
         raise ValueError(f"--plots: {args.plots!r} exists and is not a directory")
     if not 0 <= args.variance_share < 1:
         raise ValueError(f"--variance-share must be in [0, 1), got {args.variance_share:g}")
-    parse_layers(args.layers, 1 << 62)  # the syntax now; the range once the model says it
+    parse_layers(args.layers, None)  # the syntax now; the range once the model says it
     corpus = load_corpus(args.corpus)  # fail fast on a bad corpus, before loading the model
     names = [n.strip() for n in args.concepts.split(",") if n.strip()] if args.concepts else None
     (corpus.subset(names) if names is not None else corpus).split(args.holdout_every)
