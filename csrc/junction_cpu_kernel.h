@@ -41,7 +41,7 @@
 //     memory, so the projection's vdpbf16ps work had nothing to hide behind.
 //   * pass B cut into column chunks of 1 KiB of V per concept (so the block's V chunk stays
 //     in L1 across row blocks, accumulators parked between chunks): fp32 K = 171 fell from
-//     63-78 to 37-52 GFLOP/s.  Whole-row streams suit the hardware prefetcher better than
+//     63-79 to 37-52 GFLOP/s.  Whole-row streams suit the hardware prefetcher better than
 //     short chunks, and L2 -> L1 bandwidth was not the limit.
 
 constexpr int kRows = 4;                     // rows per register block

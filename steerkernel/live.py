@@ -223,7 +223,7 @@ def _sample(logits: Tensor, history: List[List[int]], temperature: float, top_k:
     return picked.to(logits.device)
 
 
-def _resolve_rules(rules: Sequence, bank, layer: int) -> List[AlarmRule]:
+def resolve_rules(rules: Sequence, bank, layer: int) -> List[AlarmRule]:
     """Rules as AlarmRule objects; a rule without ``@layer`` watches ``layer``."""
     out = []
     for r in rules:
@@ -275,7 +275,7 @@ def generate_monitored(model, tokenizer, bank, prompts: Sequence[Sequence[int]],
     if row_seeds is not None and len(row_seeds) != B:
         raise ValueError(f"{len(row_seeds)} row seeds for {B} prompts")
     layer = bank.layers[bank.layer_index(layer)]
-    rules = _resolve_rules(rules, bank, layer)
+    rules = resolve_rules(rules, bank, layer)
     device = next(model.parameters()).device
     pad, eos = _pad_id(model, tokenizer), eos_ids(model, tokenizer)
 

@@ -274,17 +274,12 @@ _NUM = NUMBER
 # the scanner's tokens: each regex is matched once at a position and never backtracked into
 # by a later part, so parsing is linear in the entry's length
 _WS_RE = re.compile(r"\s*")
-_NAME_RE = NAME_RE
 _NUM_RE = NUMBER_RE
 _UNIT_RE = re.compile(r"abs|rel|z")
 _WORD_RE = re.compile(r"ablate|mean")
 _LAYERS_RE = re.compile(r"[\d+\-\s]+")
 _TOKENS_RE = re.compile(r"\w+")
 _RANGE_RE = re.compile(r"(\d+)(?:-(\d+))?")
-
-
-_name = unquote_name
-_format_name = format_name
 
 
 def _parse_layers(text: str, entry: str) -> Tuple[int, ...]:
@@ -365,7 +360,7 @@ def _scan_groups(s: _Scanner) -> Tuple[dict, bool]:
     g: Dict[str, Optional[str]] = dict.fromkeys(
         ("concept", "cmp", "cval", "cunit", "word", "aval", "aunit", "layers", "tokens",
          "gconcept", "gdir", "gval", "gunit", "latch"))
-    g["concept"] = s.take(_NAME_RE)
+    g["concept"] = s.take(NAME_RE)
     if g["concept"] is None:
         return g, False
     s.ws()
@@ -399,7 +394,7 @@ def _scan_groups(s: _Scanner) -> Tuple[dict, bool]:
         s.ws()
     if s.lit("?"):
         s.ws()
-        g["gconcept"] = s.take(_NAME_RE)
+        g["gconcept"] = s.take(NAME_RE)
         if g["gconcept"] is None:
             return g, False
         s.ws()
@@ -445,9 +440,9 @@ def parse_steer(text: str) -> Steer:
                         f"of {TOKENS}")
     gate = None
     if g["gconcept"]:
-        gate = Gate(_name(g["gconcept"]), float(g["gval"]), above=g["gdir"] == ">",
+        gate = Gate(unquote_name(g["gconcept"]), float(g["gval"]), above=g["gdir"] == ">",
                     unit=g["gunit"] or "abs", latch=bool(g["latch"]))
-    return Steer(_name(g["concept"]), op, value, unit, layers, tokens, gate)
+    return Steer(unquote_name(g["concept"]), op, value, unit, layers, tokens, gate)
 
 
 def _split_entries(text: str) -> List[str]:
@@ -517,9 +512,9 @@ def format_steer(s: Steer) -> str:
         body += ":" + s.tokens
     if s.gate is not None:
         g = s.gate
-        body += f"?{_format_name(g.concept)}{'>' if g.above else '<'}{g.threshold!r}{g.unit}"
+        body += f"?{format_name(g.concept)}{'>' if g.above else '<'}{g.threshold!r}{g.unit}"
         body += "!" if g.latch else ""
-    return _format_name(s.concept) + body
+    return format_name(s.concept) + body
 
 
 # ---------------------------------------------------------------------------- compilation

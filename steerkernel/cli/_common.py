@@ -253,9 +253,9 @@ def prepare_generation(args, parsed: Optional[dict] = None) -> dict:
     compile_check(parsed["program"], bank)
     li = bank.layer_index(args.layer)
     layer = bank.layers[li]
-    from ..live import _resolve_rules
+    from ..live import resolve_rules
 
-    _resolve_rules(parsed["rules"], bank, layer)  # unknown concepts / layers: before any output
+    resolve_rules(parsed["rules"], bank, layer)  # unknown concepts / layers: before any output
     return dict(parsed=parsed, prompt=prompt, model=model, tok=tok, bank=bank, li=li,
                 layer=layer, ids=prompt_ids(tok, prompt, args), names=bank.names,
                 sinks=[LogSink(JSONLSink(args.jsonl_log, layer=layer), args.jsonl_log)]

@@ -31,7 +31,6 @@ from ..limits import MAX_LAYER, NAME_RE, NUMBER_RE as _NUM_RE, format_name, quot
 
 #: characters of an alarm rule's string form
 MAX_RULE_CHARS = 1024
-_CONCEPT_RE = NAME_RE  # the steering grammar's names: bare, or quoted ("joy, mild")
 _DIGITS_RE = re.compile(r"\d+")
 _WS_RE = re.compile(r"\s*")
 _SPACE_RE = re.compile(r"\s+")
@@ -61,7 +60,7 @@ def _scan_rule(text: str) -> Tuple[Optional[dict], int]:
         return pos > start
 
     ws()
-    g["concept"] = take(_CONCEPT_RE)
+    g["concept"] = take(NAME_RE)  # the steering grammar's names, quoted ones too
     if g["concept"] is None:
         return None, pos
     if text.startswith("@", pos):

@@ -54,7 +54,6 @@ from .trace import TraceStore
 
 PATHS = ("auto", "fused", "generic")
 
-_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, SteeringHandle]" = weakref.WeakKeyDictionary()
 #: the decoder stacks and layers live handles patch (so no second handle patches them)
 _CLAIMED: "weakref.WeakKeyDictionary[nn.Module, SteeringHandle]" = weakref.WeakKeyDictionary()
 _MISSING = object()
@@ -161,7 +160,6 @@ class SteeringHandle:
         self._hooks.append(self._base.register_forward_pre_hook(pre, with_kwargs=True))
         self._hooks.append(self._base.register_forward_hook(post))
         self._attached = True
-        _ATTACHED[self.model] = self
         for m in (self._base, *self._layer_list):
             _CLAIMED[m] = self
 
@@ -179,7 +177,6 @@ class SteeringHandle:
                 layer.forward = old
         self._forwards.clear()
         self._attached = False
-        _ATTACHED.pop(self.model, None)
         for m in (self._base, *self._layer_list):
             if _CLAIMED.get(m) is self:
                 del _CLAIMED[m]
@@ -452,8 +449,6 @@ def attach(model: nn.Module, bank, monitor=True, program: ProgramLike = None, *,
         raise SpecError(f"path must be one of {PATHS}, got {path!r}")
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
         raise SpecError(f"max_batch must be a positive int, got {max_batch!r}")
-    if model in _ATTACHED:
-        raise SpecError("this model already has a steerkernel handle attached; detach it first")
     cfg = text_config(model)
     num_layers = getattr(cfg, "num_hidden_layers", None)
     d = getattr(cfg, "hidden_size", None)
@@ -464,7 +459,9 @@ def attach(model: nn.Module, bank, monitor=True, program: ProgramLike = None, *,
     fam: Optional[Family] = family_for(model_type) if path != "generic" else None
     base, layer_list = find_decoder_layers(model, num_layers, fam.layer_classes if fam else ())
     owner = next((_CLAIMED[m] for m in (base, *layer_list) if m in _CLAIMED), None)
-    if owner is not None and owner.attached:
+    if owner is not None and owner.model is model:
+        raise SpecError("this model already has a steerkernel handle attached; detach it first")
+    if owner is not None:
         raise SpecError(f"this model's decoder layers are already steered by a steerkernel handle "
                         f"attached to a {type(owner.model).__name__}; detach it first")
     _check_bank(bank, model, num_layers, d)

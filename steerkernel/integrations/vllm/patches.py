@@ -100,12 +100,11 @@ def _frontend_check(vllm_config, params):
 
 
 def _steerkernel_given(extra_args) -> bool:
+    """Whether ``extra_args`` (already accepted by :func:`_frontend_check`) hold any
+    steerkernel key."""
     from .config import request_args
 
-    try:
-        return request_args(extra_args).given
-    except Exception:  # noqa: BLE001 - a malformed one was refused by the check already
-        return True
+    return request_args(extra_args).given
 
 
 def _wants_check(params) -> bool:
