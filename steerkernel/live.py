@@ -415,10 +415,15 @@ def token_cell(text: str, width: int) -> str:
     return s.ljust(width)
 
 
-def top_concepts(z: Tensor, names: Sequence[str], n: int) -> List[tuple]:
-    """``[(name, z), ...]`` of the ``n`` largest entries of ``z [K]``, descending."""
-    n = max(1, min(int(n), len(names)))
-    vals, idx = z.float().topk(n)
+def top_concepts(z: Tensor, names: Sequence[str], n: int,
+                 among: Optional[Tensor] = None) -> List[tuple]:
+    """``[(name, z), ...]`` of the ``n`` largest entries of ``z [K]``, descending; ``among``
+    ``[K]`` bool limits the ranking to those concepts (None: all)."""
+    z = z.float()
+    if among is not None:
+        z = z.masked_fill(~among.to(torch.bool), -math.inf)
+    n = max(1, min(int(n), len(names) if among is None else max(int(among.sum()), 1)))
+    vals, idx = z.topk(n)
     return [(names[int(i)], float(v)) for v, i in zip(vals, idx)]
 
 

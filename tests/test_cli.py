@@ -383,6 +383,59 @@ def test_extract_and_score(tiny, tiny_bank, tmp_path, capsys):
     assert call(base + ["--alarm", "calm > 100"]) == 0  # a raw rule is fine
 
 
+def bank_with_stats_only_for(bank_path, keep, out_path):
+    """A copy of a bank file whose concepts outside ``keep`` have no baseline statistics."""
+    from steerkernel.concepts import ConceptBank
+
+    b = ConceptBank.load(bank_path)
+    drop = [k for k, n in enumerate(b.names) if n not in keep]
+    mean, std = b.baseline_mean.clone(), b.baseline_std.clone()
+    mean[:, drop] = math.nan
+    std[:, drop] = math.nan
+    ConceptBank(b.names, b.layers, b.directions, mean, std, b.vector_norms, b.resid_norm,
+                b.default_layer, b.site, b.metadata, b.fingerprint).save(str(out_path))
+    return str(out_path)
+
+
+def test_rankings_compare_z_with_z_only(tiny, tiny_bank, tmp_path, capsys):
+    """In a bank where only some concepts have statistics, the rankings (table, top,
+    top_mean, --compare) hold only those (a raw projection is no z-score); with none, they
+    rank raw projections and say so."""
+    part = bank_with_stats_only_for(tiny_bank, {"calm", "happy"}, tmp_path / "part.safetensors")
+    base = ["monitor", "--model", tiny, "--bank", part, "hi", "--max-new-tokens", "3",
+            "--greedy", "--top", "4"]
+    assert call(base) == 0
+    out = capsys.readouterr().out
+    assert "(z; 2 without baseline statistics not ranked at layer" in out, out
+    rows = [ln for ln in out.splitlines() if ln[:4].strip().isdigit()]
+    assert rows, out
+    for ln in rows:
+        assert "calm" in ln and "happy" in ln and "afraid" not in ln and "desperate" not in ln
+    assert call(base + ["--json"]) == 0
+    recs = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
+    toks, summary = recs[:-1], recs[-1]
+    assert toks
+    for r in toks:
+        assert sorted(n for n, _ in r["top"]) == ["calm", "happy"]
+        assert r["z"]["afraid"] is None and r["z"]["calm"] is not None
+        assert r["score"]["afraid"] is not None
+    assert summary["mean_z"]["desperate"] is None and summary["mean_z"]["happy"] is not None
+    assert sorted(n for n, _ in summary["top_mean"]) == ["calm", "happy"]
+
+    gen = ["generate", "--model", tiny, "Once upon a time", "--max-new-tokens", "4",
+           "--greedy", "--compare", "--steer", "calm=+2", "--json", "--top", "4"]
+    assert call(gen + ["--bank", part]) == 0
+    cmp = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()][-1]
+    assert cmp["event"] == "compare" and cmp["unit"] == "z"
+    assert sorted(cmp["reread_mean_z"]) == ["calm", "happy"], cmp
+    assert all(v["change"] is not None for v in cmp["reread_mean_z"].values()), cmp
+    none = bank_with_stats_only_for(tiny_bank, set(), tmp_path / "none.safetensors")
+    assert call(gen + ["--bank", none]) == 0
+    cmp = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()][-1]
+    assert cmp["unit"] == "raw" and len(cmp["reread_mean_z"]) == 4, cmp
+    assert all(v["change"] is not None for v in cmp["reread_mean_z"].values()), cmp
+
+
 # ------------------------------------------------------------------------------ demo
 def test_demo_quick_on_tiny_model(tiny, tmp_path, capsys):
     out_dir = tmp_path / "demo"

@@ -299,31 +299,48 @@ def num(x: float) -> Optional[float]:
     return round(x, 4) if math.isfinite(x) else None
 
 
+def ranked_concepts(bank, li: int):
+    """``(has_stats [K] bool, among)`` at bank layer index ``li``.  Rankings ("top concepts")
+    compare like with like: z-scores of the concepts with baseline statistics when the bank
+    has any there (``among`` = ``has_stats``), else every concept's raw projection
+    (``among`` None; the monitor's z of a concept without statistics is its raw projection)."""
+    has = bank.baseline_std[li].isfinite()
+    return has, _among(has)
+
+
+def _among(has_stats):
+    return has_stats if has_stats is not None and bool(has_stats.any()) else None
+
+
 def token_json(rec, names: List[str], li: int, top: int, layer: int,
                has_stats=None) -> str:
     """One token as a JSON line; ``has_stats`` ``[K]`` bool: concepts with baseline statistics
-    at the layer (None: all); the others get ``"z": null`` (their z-score is undefined)."""
+    at the layer (None: all); the others get ``"z": null`` (their z-score is undefined) and
+    are ranked in ``top`` only when no concept has statistics (raw projections)."""
     from ..live import top_concepts
 
     z = rec.z[li]
     ok = [True] * len(names) if has_stats is None else [bool(v) for v in has_stats]
     return json.dumps({"event": "token", "row": rec.row, "index": rec.index,
                        "token_id": rec.token_id, "text": rec.text, "layer": layer,
-                       "top": [[n, num(v)] for n, v in top_concepts(z, names, top)],
+                       "top": [[n, num(v)] for n, v in top_concepts(z, names, top, _among(has_stats))],
                        "z": {n: num(z[k]) if ok[k] else None for k, n in enumerate(names)},
                        "score": {n: num(rec.scores[li, k]) for k, n in enumerate(names)}},
                       ensure_ascii=False)
 
 
-def summary_dict(g, names: List[str], li: int, layer: int, top: int) -> dict:
+def summary_dict(g, names: List[str], li: int, layer: int, top: int, has_stats=None) -> dict:
+    """The summary JSON object of one generation; ``has_stats`` as in :func:`token_json`
+    (``mean_z`` is null for the concepts without statistics; ``top_mean`` ranks as there)."""
     from ..live import top_concepts
 
     n_p = len(g.prompt_ids)
     mean_z = g.z[:, li].mean(0) if len(g.token_ids) else None
+    ok = [True] * len(names) if has_stats is None else [bool(v) for v in has_stats]
     return {"event": "summary", "row": g.row, "program": g.program, "text": g.text,
             "tokens": len(g.token_ids), "finished": g.finished, "layer": layer,
-            "mean_z": None if mean_z is None else {n: num(mean_z[k]) for k, n in
-                                                   enumerate(names)},
+            "mean_z": None if mean_z is None else {n: num(mean_z[k]) if ok[k] else None
+                                                   for k, n in enumerate(names)},
             "top_mean": None if mean_z is None else
-            [[n, num(v)] for n, v in top_concepts(mean_z, names, top)],
+            [[n, num(v)] for n, v in top_concepts(mean_z, names, top, _among(has_stats))],
             "alarms": [dict(a.to_dict(), generated_index=a.token - n_p) for a in g.alarms]}

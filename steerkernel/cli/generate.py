@@ -13,7 +13,7 @@ import sys
 
 from ._common import (add_generation_options, add_model_options, add_monitor_options,
                       add_prompt_options, check_args, num, prepare_generation, printable,
-                      printable_text, summary_dict, token_json)
+                      printable_text, ranked_concepts, summary_dict, token_json)
 
 
 def add_arguments(p) -> None:
@@ -41,11 +41,12 @@ def run(args) -> int:
     rows = [ids, ids] if args.compare else [ids]
     programs = [None, parsed["program"]] if args.compare else [parsed["program"]]
     stream = not args.json and not args.compare
+    has_stats, among = ranked_concepts(bank, li)
+    unit = "z" if among is not None else "raw projection"
 
     def on_token(rec):
         if args.json:
-            out.write(token_json(rec, names, li, args.top, layer,
-                                 bank.baseline_std[li].isfinite()) + "\n")
+            out.write(token_json(rec, names, li, args.top, layer, has_stats) + "\n")
         elif stream:
             out.write(printable_text(rec.text))
         else:
@@ -62,17 +63,22 @@ def run(args) -> int:
     finally:
         for s in sinks:
             s.close()
-    summaries = [summary_dict(g, names, li, layer, args.top) for g in gens]
+    summaries = [summary_dict(g, names, li, layer, args.top, has_stats) for g in gens]
     change = None
     if args.compare:
         rr = reread(model, tok, bank, [g.prompt_ids + g.token_ids for g in gens],
                     backend=args.backend)
-        mu, sd = bank.baseline_mean[li], bank.baseline_std[li].clamp_min(1e-6)
+        # z as the monitor computes it (a concept without statistics: its raw projection),
+        # ranked like the monitor's tables (see ranked_concepts)
+        mu = bank.baseline_mean[li].nan_to_num(0.0)
+        sd = bank.baseline_std[li].nan_to_num(1.0).clamp_min(1e-6)
         zz = [((r[len(g.prompt_ids):, li] - mu) / sd) for r, g in zip(rr, gens)]
         means = [z.mean(0) if z.shape[0] else None for z in zz]
         if means[0] is not None and means[1] is not None:
             d = means[1] - means[0]
-            order = d.abs().argsort(descending=True)[:max(args.top, 1)].tolist()
+            size = d.abs() if among is None else d.abs().masked_fill(~among, -1.0)
+            n = max(args.top, 1) if among is None else min(max(args.top, 1), int(among.sum()))
+            order = size.argsort(descending=True)[:n].tolist()
             change = {names[k]: {"unsteered": num(means[0][k]), "steered": num(means[1][k]),
                                  "change": num(d[k])} for k in order}
     if args.json:
@@ -80,7 +86,8 @@ def run(args) -> int:
             out.write(json.dumps(s, ensure_ascii=False) + "\n")
         if args.compare:
             out.write(json.dumps({"event": "compare", "layer": layer,
-                                  "program": parsed["program"], "reread_mean_z": change}) + "\n")
+                                  "program": parsed["program"], "unit": "z" if among is not None else "raw",
+                                  "reread_mean_z": change}) + "\n")
         return 0
     if stream:
         out.write("\n")
@@ -89,7 +96,8 @@ def run(args) -> int:
         out.write(f"--- steered ({printable(parsed['program'])}) ---\n"
                   + printable_text(gens[1].text.strip()) + "\n")
         if change:
-            out.write(f"--- largest changes in mean z (re-read unsteered, layer {layer}) ---\n")
+            out.write(f"--- largest changes in mean {unit} (re-read unsteered, layer {layer})"
+                      " ---\n")
             for n, v in change.items():
                 out.write(f"{printable(n):<14}{v['unsteered']:+7.2f} -> {v['steered']:+7.2f}  "
                           f"({v['change']:+.2f})\n")
@@ -99,6 +107,6 @@ def run(args) -> int:
             tag = f"steering '{printable(g.program)}'" if g.program else "unsteered"
             top = ", ".join(f"{printable(n)} {v:+.2f}" for n, v in (s["top_mean"] or []))
             alarms = f"; {len(s['alarms'])} alarm(s)" if parsed["rules"] else ""
-            err.write(f"[{tag}] {s['tokens']} tokens ({s['finished']}); mean z at layer "
+            err.write(f"[{tag}] {s['tokens']} tokens ({s['finished']}); mean {unit} at layer "
                       f"{layer}: {top or 'n/a'}{alarms}\n")
     return 0

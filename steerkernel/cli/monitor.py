@@ -14,7 +14,7 @@ import sys
 
 from ._common import (add_generation_options, add_model_options, add_monitor_options,
                       add_prompt_options, prepare_generation, printable, printable_text,
-                      summary_dict, token_json)
+                      ranked_concepts, summary_dict, token_json)
 
 
 def add_arguments(p) -> None:
@@ -35,6 +35,7 @@ def run(args) -> int:
     out = sys.stdout
     n_prompt = len(ids)
     width = 16
+    has_stats, among = ranked_concepts(bank, li)
 
     if not args.json:
         model_name = os.path.basename(str(getattr(model.config, "name_or_path", "") or "model"))
@@ -43,19 +44,23 @@ def run(args) -> int:
         out.write(f"model {model_name}, bank {bank.K} concepts x {bank.L} layers, layer {layer}"
                   f", {mode}; steering: {printable(parsed['program'] or 'none')}\n")
         out.write(f"prompt: {n_prompt} tokens\n")
-        what = "z" if bool(bank.baseline_std[li].isfinite().any()) else \
-            "raw projection: the bank has no baseline statistics"
+        n_without = int((~has_stats).sum())
+        if among is None:
+            what = "raw projection: the bank has no baseline statistics"
+        elif n_without:
+            what = f"z; {n_without} without baseline statistics not ranked"
+        else:
+            what = "z"
         out.write(f"{'#':>4}  {'token':<{width}}  top {args.top} concepts ({what} at layer "
                   f"{layer})\n")
         out.flush()
 
     def on_token(rec):
         if args.json:
-            out.write(token_json(rec, names, li, args.top, layer,
-                                 bank.baseline_std[li].isfinite()) + "\n")
+            out.write(token_json(rec, names, li, args.top, layer, has_stats) + "\n")
         else:
             cells = "  ".join(f"{printable(n)} {v:+.2f}"
-                              for n, v in top_concepts(rec.z[li], names, args.top))
+                              for n, v in top_concepts(rec.z[li], names, args.top, among))
             out.write(f"{rec.index:>4}  {token_cell(rec.text, width)}  {cells}\n")
         out.flush()
 
@@ -77,7 +82,7 @@ def run(args) -> int:
     finally:
         for s in sinks:
             s.close()
-    summary = summary_dict(gen, names, li, layer, max(args.top, 5))
+    summary = summary_dict(gen, names, li, layer, max(args.top, 5), has_stats)
     if args.json:
         import json
 
@@ -85,7 +90,8 @@ def run(args) -> int:
         return 0
     out.write(f"\n{len(gen.token_ids)} tokens generated (stopped: {gen.finished})\n")
     if summary["top_mean"]:
-        out.write(f"mean z over the generated tokens at layer {layer}: " + ", ".join(
+        unit = "z" if among is not None else "raw projection"
+        out.write(f"mean {unit} over the generated tokens at layer {layer}: " + ", ".join(
             f"{printable(n)} {v:+.2f}" for n, v in summary["top_mean"]) + "\n")
     if parsed["rules"]:
         out.write(f"alarms fired: {len(gen.alarms)}\n")
