@@ -79,6 +79,32 @@ REFERENCE_SCRIPT = textwrap.dedent("""
 
 
 
+#: multi-turn chat on an engine with prefix caching: turn 2's prompt is turn 1's prompt and
+#: generated tokens plus more, so it may reuse turn 1's cached blocks (generated tokens
+#: included).  Blocks of 32 tokens (the CPU backend's smallest) so that short turns fill one.
+PREFIX_CACHE_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if __name__ == "__main__":
+        from vllm import LLM, SamplingParams
+        from vllm.inputs import TokensPrompt
+        from steerkernel.integrations import vllm as skv
+        model, bank, engine, first, programs, n1, n2 = json.loads(sys.argv[1])
+        llm = LLM(model, additional_config=skv.engine_config(bank), **engine)
+        out = []
+        for p in programs:
+            sp = SamplingParams(max_tokens=n1, temperature=0, ignore_eos=True)
+            t1 = skv.generate(llm, [TokensPrompt(prompt_token_ids=first)], sp, programs=[p])[0]
+            turn2 = first + list(t1.token_ids) + first[:5]
+            sp = SamplingParams(max_tokens=n2, temperature=0, ignore_eos=True)
+            t2 = skv.generate(llm, [TokensPrompt(prompt_token_ids=turn2)], sp, programs=[p])[0]
+            out.append({"program": p, "turn2": turn2, "tokens": list(t2.token_ids),
+                        "skipped": t2.report.skipped, "trace": t2.report.trace.tolist()})
+        print("RESULT " + json.dumps(out), flush=True)
+        llm.llm_engine.engine_core.shutdown()
+""")
+
+
 # ------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
 def model_dir():
@@ -551,6 +577,38 @@ def test_batch_of_different_programs_equals_each_alone(llm):
     skv.generate(llm, PROMPTS[:1], greedy(2))  # one more step flushes finished ids
     st = skv.status(llm)[0]
     assert st["free_slots"] == st["slots"] - 1 and st["open_requests"] == 0
+
+
+def test_prefix_cache_hits_give_what_a_cold_engine_gives(llm, model_dir, bank_path, hf):
+    """Turn 2 of a chat on an engine with prefix caching equals turn 2 on this engine (no
+    cache): same tokens, same readings for the positions it computed.  Plain programs (and
+    unsteered requests) do reuse turn 1's blocks; a ':generated' program and a latch get
+    private blocks (turn 1 steered its generated tokens as generated text, turn 2 reads them
+    as prompt: shared blocks once changed readings by ~100 and the greedy tokens)."""
+    from vllm.inputs import TokensPrompt
+
+    first = hf[1]("Tell me a short story about a lighthouse keeper.")["input_ids"]
+    programs = [None, PROGRAMS[0], PROGRAMS[2], PROGRAMS[3]]
+    engine = dict(ENGINE, enable_prefix_caching=True, block_size=32)
+    arg = json.dumps([model_dir, bank_path[0], engine, first, programs, 24, 6])
+    env = dict(os.environ)
+    env.pop("VLLM_PLUGINS", None)
+    proc = subprocess.run([sys.executable, "-c", PREFIX_CACHE_SCRIPT, arg], env=env,
+                          capture_output=True, text=True, timeout=600)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert line, f"the prefix-caching engine failed:\n{(proc.stdout + proc.stderr)[-4000:]}"
+    for r in json.loads(line[-1][len("RESULT "):]):
+        program = r["program"]
+        cold = skv.generate(llm, [TokensPrompt(prompt_token_ids=r["turn2"])],
+                            greedy(6, ignore_eos=True), programs=[program])[0]
+        assert cold.ok and cold.report.skipped == 0
+        assert r["tokens"] == cold.token_ids, program
+        hot, k = torch.tensor(r["trace"]), r["skipped"]
+        assert rel(hot, cold.report.trace[k:]) < TRACE_RTOL, (program, k)
+        if program in (None, PROGRAMS[0]):
+            assert k >= 32, (program, k)  # turn 1's blocks were reused
+        else:
+            assert k == 0, (program, k)  # private blocks: nothing to reuse
 
 
 def test_bad_requests_are_rejected_alone(llm, reference):
