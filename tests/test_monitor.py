@@ -61,6 +61,20 @@ def test_rule_for_unknown_concept_or_layer():
         MonitorEngine(NAMES, LAYERS, rules=["calm@4 > 1"])
 
 
+def test_rule_without_layer_watches_the_default_layer():
+    """A rule without @layer watches ``default_layer`` (a bank's, as the CLI and the vLLM
+    worker pass it) when monitored, else the middle monitored layer (5 here)."""
+    def fired(**kw):
+        eng = MonitorEngine(NAMES, LAYERS, rules=["desperate > 1"], max_tokens=4, **kw)
+        events = []
+        eng.on_alarm(events.append)
+        _fill(eng, [("r", 1)], lambda rid, t, lp, k: 2.0 if (k, lp) == (1, 0) else 0.0)
+        return len(events)
+
+    assert fired(default_layer=3) == 1  # layer 3 holds the 2.0
+    assert fired() == 0 and fired(default_layer=4) == 0  # layer 5: the middle one
+
+
 def _stream_alarm_positions(rule, values):
     eng = MonitorEngine(NAMES, LAYERS, rules=[rule], max_tokens=4)
     events = []

@@ -35,6 +35,10 @@ def test_report_spec_items_layers_and_defaults():
     assert star.layers == tuple(LAYERS) and set(star.concepts) == {"fear"}
     assert len(rd.parse_report_spec("all@*", NAMES, LAYERS).cols) == 15
     assert rd.default_layer(LAYERS) == 6
+    # an item without @ reads the bank's default layer where it is monitored
+    assert rd.default_layer(LAYERS, 10) == 10 and rd.default_layer(LAYERS, 5) == 6
+    assert rd.parse_report_spec("calm,joy@2", NAMES, LAYERS, 8).layers == (8, 2)
+    assert rd.parse_report_spec("all", NAMES, LAYERS, 5).layers == (6, 6, 6)
 
 
 @pytest.mark.parametrize("text,why", [
@@ -88,6 +92,7 @@ def test_alarm_action_errors(text, rules, why):
 class _Bank:
     names = NAMES
     layers = LAYERS
+    default_layer = 8
 
 
 def test_request_args_and_options():
@@ -103,6 +108,8 @@ def test_request_args_and_options():
     cfg = PluginConfig(bank="b", rules=("fear z > 2",))
     opts = request_options(request_args({"steerkernel_report": "fear@4"}), _Bank, cfg)
     assert opts.report.cols == ((1, 2),) and opts.action is None and action_slots(opts) == 0
+    opts = request_options(request_args({"steerkernel_report": "fear"}), _Bank, cfg)
+    assert opts.report.layers == (8,)  # the bank's default layer
     with pytest.raises(SpecError, match="monitor"):
         request_options(request_args({"steerkernel_report": "fear"}), _Bank,
                         PluginConfig(bank="b", monitor=False))

@@ -201,7 +201,7 @@ def test_concepts_route_and_openapi(http):
     assert r.status_code == 200, r.text
     d = r.json()
     assert d["concepts"] == NAMES and d["layers"] == list(range(30))
-    assert d["default_layer"] == 15
+    assert d["default_layer"] == 18  # the bank's, not the middle layer
     assert d["rules"] == [{"rule": RULE, "concept": "joy", "layer": 11}]
     paths = http.get("/openapi.json").json()["paths"]
     assert "/v1/steerkernel/concepts" in paths
@@ -232,7 +232,7 @@ def test_report_columns(client):
     got = run(client, "Hello", None, "desperate@3-5,calm,all@7", max_tokens=3)
     first = got["first"]
     assert list(zip(first["concepts"], first["layers"])) == (
-        [("desperate", 3), ("desperate", 4), ("desperate", 5), ("calm", 15)]
+        [("desperate", 3), ("desperate", 4), ("desperate", 5), ("calm", 18)]
         + [(n, 7) for n in NAMES])
     assert all(len(row) == 8 for row in got["z"]) and len(got["z"]) == 3
 
@@ -559,7 +559,7 @@ def test_report_route_needs_the_token(http, client, alarm_base):
     assert d["report_id"] == rid and d["program"] and d["concepts"] == NAMES
     n_prompt = d["tokens"] - len(got["tokens"]) + 1
     assert n_prompt >= 1 and len(d["z"]) == d["tokens"]
-    np.testing.assert_allclose(np.asarray(d["z"])[n_prompt - 1:, 15, 0],
+    np.testing.assert_allclose(np.asarray(d["z"])[n_prompt - 1:, 18, 0],
                                [row[0] for row in got["z"]], rtol=1e-5, atol=1e-5)
     assert np.asarray(d["z_mean"]).shape == (30, 4)
     r2 = http.get(f"/v1/steerkernel/reports/{rid}", params={"trace": "false"},

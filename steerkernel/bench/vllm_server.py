@@ -42,7 +42,7 @@ def make_bank(path: str, names: Sequence[str], seed: int = 0) -> str:
         names=list(names), layers=list(range(N_LAYERS)), directions=dirs.contiguous().float(),
         baseline_mean=torch.zeros(N_LAYERS, K), baseline_std=torch.ones(N_LAYERS, K),
         vector_norms=torch.ones(N_LAYERS, K), resid_norm=torch.full((N_LAYERS,), 20.0),
-        default_layer=15, metadata={"test": "vllm-server"},
+        default_layer=18, metadata={"test": "vllm-server"},  # not the middle one (15)
         fingerprint={"architecture": "LlamaForCausalLM", "hidden_size": D_MODEL,
                      "num_layers": N_LAYERS}).save(path)
     return path

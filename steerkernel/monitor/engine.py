@@ -117,13 +117,16 @@ class MonitorEngine:
         ring_size: host copies in flight before ``on_full`` applies.
         ema_alpha: EMA weight of the newest token.  above_z: z level counted by ``above``.
         keep_traces: keep per-token traces on the host (else aggregates only).
+        default_layer: the layer a rule without ``@layer`` watches (a bank's
+            ``default_layer``); None or not monitored: the middle monitored layer.
     """
 
     def __init__(self, names: Sequence[str], layers: Sequence[int], *, max_tokens: int = 2048,
                  max_requests: int = 64, device="cpu", baseline_mean: Optional[Tensor] = None,
                  baseline_std: Optional[Tensor] = None, rules: Sequence = (),
                  sinks: Sequence = (), ring_size: int = 4, ema_alpha: float = 0.1,
-                 above_z: float = 2.0, keep_traces: bool = True, on_full: str = "wait"):
+                 above_z: float = 2.0, keep_traces: bool = True, on_full: str = "wait",
+                 default_layer: Optional[int] = None):
         if on_full not in ("wait", "drop"):
             raise SpecError(f"on_full must be 'wait' or 'drop', got {on_full!r}")
         if not (0 < ema_alpha <= 1):
@@ -155,7 +158,9 @@ class MonitorEngine:
             if r.concept not in self.names:
                 raise UnknownConceptError(f"alarm rule concept {quote_input(r.concept)} is not "
                                           f"monitored; known: {', '.join(self.names)}")
-            layer = r.layer if r.layer is not None else self.layers[len(self.layers) // 2]
+            layer = r.layer if r.layer is not None else (
+                default_layer if default_layer is not None and default_layer in self.layers
+                else self.layers[len(self.layers) // 2])
             if layer not in self.layers:
                 raise SpecError(f"alarm rule layer {layer} is not monitored "
                                 f"(monitored: {self.layers})")

@@ -392,7 +392,8 @@ def request_options(args: RequestArgs, bank, cfg: PluginConfig) -> RequestOption
                         "'monitor' is false)")
     report = action = switched = None
     if args.report is not None:
-        report = parse_report_spec(args.report, bank.names, [int(x) for x in bank.layers])
+        report = parse_report_spec(args.report, bank.names, [int(x) for x in bank.layers],
+                                   bank.default_layer)
     if args.on_alarm is not None:
         action = parse_alarm_action(args.on_alarm, [r.concept for r in parse_rules(cfg.rules)])
         if action.kind == "steer":

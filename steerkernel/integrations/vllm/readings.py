@@ -87,13 +87,19 @@ def _check_text(key: str, text, limit: int, example: str) -> None:
         raise SpecError(f"{key} is {len(text)} characters long (limit {limit})")
 
 
-def default_layer(layers: Sequence[int]) -> int:
-    """The layer an item without ``@`` reads: the middle monitored layer (as alarm rules)."""
-    return int(layers[len(layers) // 2])
+def default_layer(layers: Sequence[int], preferred: Optional[int] = None) -> int:
+    """The layer an item without ``@`` reads, as alarm rules and the CLI do: ``preferred`` (the
+    bank's ``default_layer``) when it is monitored, else the middle monitored layer."""
+    layers = [int(x) for x in layers]
+    if preferred is not None and int(preferred) in layers:
+        return int(preferred)
+    return layers[len(layers) // 2]
 
 
-def parse_report_spec(text, names: Sequence[str], layers: Sequence[int]) -> ReportSpec:
-    """``"all"`` / ``"calm,desperate@18"`` / ``"fear@10-20"`` / ``"all@*"`` -> columns.
+def parse_report_spec(text, names: Sequence[str], layers: Sequence[int],
+                      default: Optional[int] = None) -> ReportSpec:
+    """``"all"`` / ``"calm,desperate@18"`` / ``"fear@10-20"`` / ``"all@*"`` -> columns; an item
+    without ``@`` reads :func:`default_layer` (``default``: the bank's default layer).
     :class:`SpecError` names the bad item (unknown concept, layer not monitored, too many)."""
     _check_text(EXTRA_REPORT, text, MAX_REPORT_CHARS, 'such as "all" or "calm,desperate@18"')
     if not text.strip():
@@ -114,7 +120,7 @@ def parse_report_spec(text, names: Sequence[str], layers: Sequence[int]) -> Repo
             raise SpecError(f"{EXTRA_REPORT}: concept {quote_input(name)} is not in the bank "
                             f"(concepts: {', '.join(names)})")
         if at is None:
-            lis = [layers.index(default_layer(layers))]
+            lis = [layers.index(default_layer(layers, default))]
         elif at == "*":
             lis = list(range(len(layers)))
         elif "-" in at:

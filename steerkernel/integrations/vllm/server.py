@@ -100,7 +100,8 @@ def plan_request(body: bytes):
                       "echo")
     try:
         bank = load_bank(cfg.bank)
-        spec = parse_report_spec(xargs[EXTRA_REPORT], bank.names, [int(x) for x in bank.layers])
+        spec = parse_report_spec(xargs[EXTRA_REPORT], bank.names, [int(x) for x in bank.layers],
+                                 bank.default_layer)
     except SpecError as e:
         return _error(400, f"steerkernel: {e}")
     tag = secrets.token_hex(12)
@@ -355,10 +356,11 @@ def make_router():
         bank = load_bank(cfg.bank)
         layers = [int(x) for x in bank.layers]
         rules = parse_rules(cfg.rules)
+        default = default_layer(layers, bank.default_layer)
         return {"object": "steerkernel.bank", "concepts": list(bank.names), "layers": layers,
-                "default_layer": default_layer(layers), "hidden_size": int(bank.d),
+                "default_layer": default, "hidden_size": int(bank.d),
                 "rules": [{"rule": r.label, "concept": r.concept,
-                           "layer": r.layer if r.layer is not None else default_layer(layers)}
+                           "layer": r.layer if r.layer is not None else default}
                           for r in rules],
                 "reports_open": bool(cfg.reports_open)}
 

@@ -238,7 +238,7 @@ class WorkerState:
                 baseline_mean=bank.baseline_mean.nan_to_num(0.0),
                 baseline_std=bank.baseline_std.nan_to_num(1.0), rules=list(cfg.rules),
                 sinks=self.sinks, keep_traces=cfg.keep_traces, above_z=cfg.above_z,
-                ema_alpha=cfg.ema_alpha)
+                ema_alpha=cfg.ema_alpha, default_layer=bank.default_layer)
             self.monitor.on_rows(self._tap_rows)
             self.monitor.on_alarm(self._tap_alarm)
         # readings go to the API server that started this engine (.readings); none offline
