@@ -64,7 +64,8 @@ String form (for CLIs), entries separated by ``;`` or ``,``::
     gate    := CONCEPT (">" | "<") NUMBER [unit] ["!"]       "!" latches the gate
                                                               (default unit abs)
 
-Example: ``"calm=+0.08@10-20:generated?desperate>2z!; refusal=ablate"``.
+Example: ``"calm=+0.08@10-20:generated?desperate>2z!; refusal=ablate@22-27"`` (one gate per
+layer, so the ungated ablation gets layers of its own).
 
 Bounds (checked before the work they bound; docs/security.md): ``MAX_PROGRAM_CHARS``
 characters, ``MAX_ENTRIES`` entries, ``MAX_STEER_LAYERS`` layers per entry and

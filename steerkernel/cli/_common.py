@@ -108,7 +108,7 @@ def add_generation_options(p, max_new_tokens: int = 64) -> None:
     g = p.add_argument_group("generation and steering")
     g.add_argument("--steer", action="append", default=[], metavar="PROGRAM",
                    help="steering entry, repeatable, e.g. 'calm=+0.05', 'desperate<=0z@8-21', "
-                        "'refusal=ablate' (grammar: python -c 'import steerkernel.steering as s;"
+                        "'afraid=ablate' (grammar: python -c 'import steerkernel.steering as s;"
                         " help(s)')")
     g.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens,
                    help="most tokens to generate (default %(default)s)")
