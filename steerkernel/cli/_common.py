@@ -323,7 +323,8 @@ def token_json(rec, names: List[str], li: int, top: int, layer: int,
     ok = [True] * len(names) if has_stats is None else [bool(v) for v in has_stats]
     return json.dumps({"event": "token", "row": rec.row, "index": rec.index,
                        "token_id": rec.token_id, "text": rec.text, "layer": layer,
-                       "top": [[n, num(v)] for n, v in top_concepts(z, names, top, _among(has_stats))],
+                       "top": [[n, num(v)]
+                               for n, v in top_concepts(z, names, top, _among(has_stats))],
                        "z": {n: num(z[k]) if ok[k] else None for k, n in enumerate(names)},
                        "score": {n: num(rec.scores[li, k]) for k, n in enumerate(names)}},
                       ensure_ascii=False)

@@ -29,7 +29,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..live import generate_monitored, reread
+    from ..live import generate_monitored, reread, top_concepts
 
     parsed = check_args(args)
     if args.compare and parsed["program"] is None:
@@ -76,9 +76,7 @@ def run(args) -> int:
         means = [z.mean(0) if z.shape[0] else None for z in zz]
         if means[0] is not None and means[1] is not None:
             d = means[1] - means[0]
-            size = d.abs() if among is None else d.abs().masked_fill(~among, -1.0)
-            n = max(args.top, 1) if among is None else min(max(args.top, 1), int(among.sum()))
-            order = size.argsort(descending=True)[:n].tolist()
+            order = [names.index(n) for n, _ in top_concepts(d.abs(), names, args.top, among)]
             change = {names[k]: {"unsteered": num(means[0][k]), "steered": num(means[1][k]),
                                  "change": num(d[k])} for k in order}
     if args.json:
@@ -86,7 +84,8 @@ def run(args) -> int:
             out.write(json.dumps(s, ensure_ascii=False) + "\n")
         if args.compare:
             out.write(json.dumps({"event": "compare", "layer": layer,
-                                  "program": parsed["program"], "unit": "z" if among is not None else "raw",
+                                  "program": parsed["program"],
+                                  "unit": "z" if among is not None else "raw",
                                   "reread_mean_z": change}) + "\n")
         return 0
     if stream:

@@ -92,6 +92,15 @@ class RequestReport:
                 "alarms": [a.to_dict() for a in self.alarms]}
 
 
+def default_rule_layer(layers: Sequence[int], preferred: Optional[int] = None) -> int:
+    """The layer an alarm rule or a readings item without ``@layer`` watches: ``preferred``
+    (a bank's ``default_layer``) when it is monitored, else the middle monitored layer."""
+    layers = [int(x) for x in layers]
+    if preferred is not None and int(preferred) in layers:
+        return int(preferred)
+    return layers[len(layers) // 2]
+
+
 @dataclass
 class _Entry:
     """One host ring entry: a pinned copy of buffer[:, :T] and the rows it holds."""
@@ -154,13 +163,12 @@ class MonitorEngine:
         self.rules = parse_rules(rules)
         self._rule_layer = []
         self._rule_concept = []
+        fallback = default_rule_layer(self.layers, default_layer)
         for r in self.rules:
             if r.concept not in self.names:
                 raise UnknownConceptError(f"alarm rule concept {quote_input(r.concept)} is not "
                                           f"monitored; known: {', '.join(self.names)}")
-            layer = r.layer if r.layer is not None else (
-                default_layer if default_layer is not None and default_layer in self.layers
-                else self.layers[len(self.layers) // 2])
+            layer = r.layer if r.layer is not None else fallback
             if layer not in self.layers:
                 raise SpecError(f"alarm rule layer {layer} is not monitored "
                                 f"(monitored: {self.layers})")

@@ -47,6 +47,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from ...errors import SpecError
 from ...limits import quote_input
+# the layer an item without @ reads: the one a layer-less alarm rule watches
+from ...monitor.engine import default_rule_layer as default_layer
 
 log = logging.getLogger("steerkernel.vllm")
 
@@ -85,15 +87,6 @@ def _check_text(key: str, text, limit: int, example: str) -> None:
         raise SpecError(f"{key} must be a string {example}, got {type(text).__name__}")
     if len(text) > limit:
         raise SpecError(f"{key} is {len(text)} characters long (limit {limit})")
-
-
-def default_layer(layers: Sequence[int], preferred: Optional[int] = None) -> int:
-    """The layer an item without ``@`` reads, as alarm rules and the CLI do: ``preferred`` (the
-    bank's ``default_layer``) when it is monitored, else the middle monitored layer."""
-    layers = [int(x) for x in layers]
-    if preferred is not None and int(preferred) in layers:
-        return int(preferred)
-    return layers[len(layers) // 2]
 
 
 def parse_report_spec(text, names: Sequence[str], layers: Sequence[int],
