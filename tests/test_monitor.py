@@ -63,7 +63,8 @@ def test_rule_for_unknown_concept_or_layer():
 
 def test_rule_without_layer_watches_the_default_layer():
     """A rule without @layer watches ``default_layer`` (a bank's, as the CLI and the vLLM
-    worker pass it) when monitored, else the middle monitored layer (5 here)."""
+    worker pass it), else the middle monitored layer (5 here); an unmonitored default layer
+    is refused before anything is allocated."""
     def fired(**kw):
         eng = MonitorEngine(NAMES, LAYERS, rules=["desperate > 1"], max_tokens=4, **kw)
         events = []
@@ -72,7 +73,10 @@ def test_rule_without_layer_watches_the_default_layer():
         return len(events)
 
     assert fired(default_layer=3) == 1  # layer 3 holds the 2.0
-    assert fired() == 0 and fired(default_layer=4) == 0  # layer 5: the middle one
+    assert fired() == 0 and fired(default_layer=5) == 0  # layer 5: the middle one
+    for bad in (4, "3", True):
+        with pytest.raises(SpecError, match="is not a monitored layer"):
+            MonitorEngine(NAMES, LAYERS, rules=["desperate > 1"], default_layer=bad)
 
 
 def _stream_alarm_positions(rule, values):

@@ -36,9 +36,11 @@ def test_report_spec_items_layers_and_defaults():
     assert len(rd.parse_report_spec("all@*", NAMES, LAYERS).cols) == 15
     assert rd.default_layer(LAYERS) == 6
     # an item without @ reads the bank's default layer where it is monitored
-    assert rd.default_layer(LAYERS, 10) == 10 and rd.default_layer(LAYERS, 5) == 6
+    assert rd.default_layer(LAYERS, 10) == 10
+    with pytest.raises(SpecError, match="default_layer 5 is not a monitored layer"):
+        rd.default_layer(LAYERS, 5)
     assert rd.parse_report_spec("calm,joy@2", NAMES, LAYERS, 8).layers == (8, 2)
-    assert rd.parse_report_spec("all", NAMES, LAYERS, 5).layers == (6, 6, 6)
+    assert rd.parse_report_spec("all", NAMES, LAYERS, 4).layers == (4, 4, 4)
 
 
 @pytest.mark.parametrize("text,why", [

@@ -94,11 +94,15 @@ class RequestReport:
 
 def default_rule_layer(layers: Sequence[int], preferred: Optional[int] = None) -> int:
     """The layer an alarm rule or a readings item without ``@layer`` watches: ``preferred``
-    (a bank's ``default_layer``) when it is monitored, else the middle monitored layer."""
+    (a bank's ``default_layer``), else (None) the middle monitored layer.  A ``preferred``
+    layer that is not monitored is a :class:`SpecError`."""
     layers = [int(x) for x in layers]
-    if preferred is not None and int(preferred) in layers:
-        return int(preferred)
-    return layers[len(layers) // 2]
+    if preferred is None:
+        return layers[len(layers) // 2]
+    if isinstance(preferred, bool) or not isinstance(preferred, int) or preferred not in layers:
+        raise SpecError(f"default_layer {preferred!r} is not a monitored layer "
+                        f"(monitored: {layers})")
+    return int(preferred)
 
 
 @dataclass
@@ -127,7 +131,7 @@ class MonitorEngine:
         ema_alpha: EMA weight of the newest token.  above_z: z level counted by ``above``.
         keep_traces: keep per-token traces on the host (else aggregates only).
         default_layer: the layer a rule without ``@layer`` watches (a bank's
-            ``default_layer``); None or not monitored: the middle monitored layer.
+            ``default_layer``; one of ``layers``); None: the middle monitored layer.
     """
 
     def __init__(self, names: Sequence[str], layers: Sequence[int], *, max_tokens: int = 2048,
@@ -146,6 +150,7 @@ class MonitorEngine:
         L, K = len(self.layers), len(self.names)
         if L == 0 or K == 0:
             raise SpecError("the monitor needs at least one layer and one concept")
+        fallback = default_rule_layer(self.layers, default_layer)  # of rules without @layer
         self.device = torch.device(device)
         self.max_tokens, self.max_requests = max_tokens, max_requests
         self.buffer = torch.zeros(L, max_tokens, K, device=self.device)
@@ -163,7 +168,6 @@ class MonitorEngine:
         self.rules = parse_rules(rules)
         self._rule_layer = []
         self._rule_concept = []
-        fallback = default_rule_layer(self.layers, default_layer)
         for r in self.rules:
             if r.concept not in self.names:
                 raise UnknownConceptError(f"alarm rule concept {quote_input(r.concept)} is not "
